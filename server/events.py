@@ -1,0 +1,117 @@
+"""Background operations and their life cycle: queued -> running -> finished | failed."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QUEUED, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
+TERMINAL = frozenset({FINISHED, FAILED})
+
+
+@dataclass
+class Event:
+    """One controller operation as operators see it (`GET /events/{id}`)."""
+
+    event_id: str
+    op: str
+    instance_id: str
+    method: str | None
+    location: str | None
+    num_tokens: int
+    chunks_total: int
+    status: str = QUEUED
+    chunks_done: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EventTable:
+    """Thread-safe table of recent events; the oldest ended ones go first when full."""
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        self._events: OrderedDict[str, Event] = OrderedDict()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # cumulative (op, status) transition counts, for /metrics
+        self.transitions: dict[tuple[str, str], int] = {}
+
+    def create(self, op: str, instance_id: str, method: str | None, location: str | None,
+               num_tokens: int, chunks_total: int) -> Event:
+        ev = Event(event_id=f"{op}-{uuid.uuid4().hex}", op=op, instance_id=instance_id,
+                   method=method, location=location, num_tokens=num_tokens,
+                   chunks_total=chunks_total)
+        with self._lock:
+            self._events[ev.event_id] = ev
+            self._count(ev.op, QUEUED)
+            self._trim()
+        return ev
+
+    def _count(self, op: str, status: str) -> None:
+        self.transitions[(op, status)] = self.transitions.get((op, status), 0) + 1
+
+    def _trim(self) -> None:
+        if len(self._events) <= self.max_events:
+            return
+        for eid in [e.event_id for e in self._events.values() if e.status in TERMINAL]:
+            if len(self._events) <= self.max_events:
+                break
+            del self._events[eid]
+
+    def start(self, ev: Event) -> None:
+        with self._lock:
+            ev.status = RUNNING
+            ev.started_at = time.time()
+            self._count(ev.op, RUNNING)
+            self._cond.notify_all()
+
+    def progress(self, ev: Event, before: int, after: int) -> None:
+        with self._lock:
+            ev.chunks_done += 1
+            ev.bytes_before += before
+            ev.bytes_after += after
+
+    def finish(self, ev: Event, error: str | None = None) -> None:
+        with self._lock:
+            if ev.started_at is None:
+                ev.started_at = time.time()
+            ev.status = FAILED if error else FINISHED
+            ev.error = error
+            ev.finished_at = time.time()
+            self._count(ev.op, ev.status)
+            self._cond.notify_all()
+
+    def get(self, event_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            ev = self._events.get(event_id)
+            return ev.to_dict() if ev else None
+
+    def list(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            evs = [e.to_dict() for e in self._events.values() if status in (None, e.status)]
+        return evs[-limit:] if limit else evs
+
+    def active(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._events.values() if e.status not in TERMINAL)
+
+    def wait(self, event_id: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """Block until the event ends (for tests and in-process callers)."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: event_id not in self._events or self._events[event_id].status in TERMINAL,
+                timeout=timeout)
+            ev = self._events.get(event_id)
+            return ev.to_dict() if ev else None

@@ -1,0 +1,64 @@
+"""Prometheus metrics, computed from the worker's state at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvctl.server.worker import WorkerRuntime
+
+
+class RuntimeCollector(Collector):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+
+    def collect(self) -> Iterator[Any]:
+        rt = self.rt
+        ev = CounterMetricFamily("kvctl_events", "Events entering each status, by operation",
+                                 labels=["op", "status"])
+        for (op, status), n in sorted(rt.events.transitions.items()):
+            ev.add_metric([op, status], n)
+        yield ev
+
+        chunks = GaugeMetricFamily("kvctl_store_chunks", "Chunks held per location",
+                                   labels=["location"])
+        nbytes = GaugeMetricFamily("kvctl_store_bytes", "Bytes held per location",
+                                   labels=["location"])
+        pinned = GaugeMetricFamily("kvctl_store_pinned_chunks", "Pinned chunks per location",
+                                   labels=["location"])
+        cap = GaugeMetricFamily("kvctl_store_capacity_bytes", "Capacity per bounded location",
+                                labels=["location"])
+        for name, backend in rt.backends.items():
+            try:
+                s = backend.stats()
+            except Exception:  # an unreachable Redis must not break the scrape
+                continue
+            chunks.add_metric([name], s.chunks)
+            nbytes.add_metric([name], s.bytes)
+            pinned.add_metric([name], s.pinned_chunks)
+            if s.capacity_bytes is not None:
+                cap.add_metric([name], s.capacity_bytes)
+        yield from (chunks, nbytes, pinned, cap)
+
+        yield CounterMetricFamily("kvctl_bytes_saved", "Bytes saved by compression",
+                                  value=rt.bytes_saved)
+        yield GaugeMetricFamily("kvctl_queue_depth", "Events queued or running",
+                                value=rt.queue_depth())
+        secs = CounterMetricFamily("kvctl_codec_seconds", "Time spent in codecs",
+                                   labels=["op", "method"])
+        n = CounterMetricFamily("kvctl_codec_chunks", "Chunks through codecs",
+                                labels=["op", "method"])
+        for key, v in sorted(rt.codec_times.seconds.items()):
+            secs.add_metric(list(key), v)
+            n.add_metric(list(key), rt.codec_times.chunks.get(key, 0))
+        yield from (secs, n)
+
+
+def render_metrics(runtime: WorkerRuntime) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RuntimeCollector(runtime))
+    return generate_latest(registry)

@@ -1,0 +1,331 @@
+"""The codec worker: owns the storage locations of one LMCache instance and runs jobs on them.
+
+Request handlers only validate and schedule; chunk work (decode, encode, store) runs on a
+bounded thread pool so the event loop keeps answering while codecs run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
+from kvctl.server.chunks import ChunkRef, chunk_refs
+from kvctl.server.config import ServerSettings
+from kvctl.server.events import Event, EventTable
+from kvctl.server.storage import (
+    LocalCPUBackend,
+    LocalDiskBackend,
+    RemoteBackend,
+    StorageBackend,
+    StorageError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("kvctl.server")
+
+RAW_METHOD = "raw"
+
+
+class RequestError(Exception):
+    """A request the worker refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class CodecTimes:
+    """Cumulative codec seconds and chunk counts per (op, method), for /metrics."""
+
+    seconds: dict[tuple[str, str], float]
+    chunks: dict[tuple[str, str], int]
+
+
+def build_backends(settings: ServerSettings) -> dict[str, StorageBackend]:
+    backends: dict[str, StorageBackend] = {}
+    if settings.local_cpu:
+        backends[LocalCPUBackend.name] = LocalCPUBackend(settings.cpu_bytes)
+    if settings.local_disk_path is not None:
+        backends[LocalDiskBackend.name] = LocalDiskBackend(settings.local_disk_path,
+                                                           settings.disk_bytes)
+    if settings.remote_url:
+        remote = RemoteBackend(settings.remote_url, settings.lmcache_instance_id)
+        remote.ping()
+        backends[RemoteBackend.name] = remote
+    return backends
+
+
+class WorkerRuntime:
+    """One instance's KV store plus the pool that compresses and decompresses it."""
+
+    def __init__(self, settings: ServerSettings, backends: dict[str, StorageBackend] | None = None
+                 ) -> None:
+        self.settings = settings
+        self.instance_id = settings.lmcache_instance_id
+        self.worker_id = 0
+        self.backends = backends if backends is not None else build_backends(settings)
+        self.events = EventTable(settings.max_events)
+        self.codec_times = CodecTimes({}, {})
+        self.bytes_saved = 0
+        self.started_at = time.time()
+        self._stats_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-codec")
+        # clear/pin/move must not queue behind long codec jobs
+        self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="kvctl-io")
+        self._raw = get_codec(RAW_METHOD)
+        self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+
+    # ---- validation -------------------------------------------------------------------
+    def check_instance(self, instance_id: str) -> None:
+        if instance_id != self.instance_id:
+            raise RequestError(404, f"unknown instance_id {instance_id!r}; this controller "
+                                    f"serves {self.instance_id!r}")
+
+    def backend(self, location: str) -> StorageBackend:
+        try:
+            return self.backends[location]
+        except KeyError:
+            known = ", ".join(self.backends) or "none configured"
+            raise RequestError(404, f"unknown location {location!r}; configured locations: "
+                                    f"{known}") from None
+
+    def check_tokens(self, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.settings.max_request_tokens:
+            raise RequestError(413, f"{len(tokens)} tokens is more than the "
+                                    f"{self.settings.max_request_tokens} a request may carry")
+
+    def refs(self, tokens: Sequence[int]) -> list[ChunkRef]:
+        return chunk_refs(tokens, self.settings.chunk_size)
+
+    def matched(self, backend: StorageBackend, tokens: Sequence[int]) -> list[ChunkRef]:
+        """The consecutive prefix of ``tokens``' chunks that ``backend`` holds."""
+        out = []
+        for ref in self.refs(tokens):
+            if not backend.contains(ref.key):
+                break
+            out.append(ref)
+        return out
+
+    # ---- scheduling -------------------------------------------------------------------
+    def _schedule(self, pool: ThreadPoolExecutor, op: str, instance_id: str, method: str | None,
+                  location: str | None, refs: list[ChunkRef],
+                  job: Callable[[Event, list[ChunkRef]], None]) -> Event:
+        ev = self.events.create(op, instance_id, method, location,
+                                num_tokens=refs[-1].end if refs else 0, chunks_total=len(refs))
+
+        def run() -> None:
+            self.events.start(ev)
+            try:
+                job(ev, refs)
+            except (CodecError, StorageError, RequestError) as exc:
+                self.events.finish(ev, error=str(exc))
+            except Exception as exc:  # a bug: keep the worker alive, say what happened
+                log.exception("%s %s failed", op, ev.event_id)
+                self.events.finish(ev, error=f"internal error: {type(exc).__name__}: {exc}")
+            else:
+                self.events.finish(ev)
+
+        pool.submit(run)
+        return ev
+
+    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
+                 ) -> Event:
+        self.check_instance(instance_id)
+        self.check_tokens(tokens)
+        try:
+            codec = codec_for_method(method)
+        except CodecError as exc:
+            raise RequestError(400, str(exc)) from None
+        backend = self.backend(location)
+        refs = self.matched(backend, tokens)
+        return self._schedule(self._pool, "compress", instance_id, method, location, refs,
+                              lambda ev, rs: self._transcode(ev, rs, backend, codec, "compress"))
+
+    def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
+                   ) -> Event:
+        self.check_instance(instance_id)
+        self.check_tokens(tokens)
+        try:
+            codec_for_method(method)
+        except CodecError as exc:
+            raise RequestError(400, str(exc)) from None
+        backend = self.backend(location)
+        refs = self.matched(backend, tokens)
+        return self._schedule(self._pool, "decompress", instance_id, method, location, refs,
+                              lambda ev, rs: self._transcode(ev, rs, backend, self._raw,
+                                                             "decompress"))
+
+    def _transcode(self, ev: Event, refs: list[ChunkRef], backend: StorageBackend, target: Any,
+                   op: str) -> None:
+        """Re-encode each chunk with ``target`` (the raw codec when decompressing)."""
+        method = ev.method or target.name
+        for i, ref in enumerate(refs):
+            blob = backend.get(ref.key)
+            if blob is None:
+                raise StorageError(
+                    f"chunk {i} (tokens {ref.start}-{ref.end}) left {backend.name} before it "
+                    f"was processed (evicted or cleared); {ev.chunks_done} of "
+                    f"{len(refs)} chunks done")
+            info = peek_blob(blob)
+            if info.codec == target.name and info.params == target.params:
+                self.events.progress(ev, len(blob), len(blob))
+                continue
+            t0 = time.perf_counter()
+            kv = decode_blob(blob, device=self.device)
+            new = target.encode(kv)
+            elapsed = time.perf_counter() - t0
+            backend.put(ref.key, new, ref.num_tokens)
+            with self._stats_lock:
+                k = (op, method)
+                self.codec_times.seconds[k] = self.codec_times.seconds.get(k, 0.0) + elapsed
+                self.codec_times.chunks[k] = self.codec_times.chunks.get(k, 0) + 1
+                if op == "compress":
+                    self.bytes_saved += len(blob) - len(new)
+            self.events.progress(ev, len(blob), len(new))
+
+    def clear(self, instance_id: str, location: str) -> Event:
+        self.check_instance(instance_id)
+        backend = self.backend(location)
+        ev = self.events.create("clear", instance_id, None, location, 0, 0)
+
+        def run() -> None:
+            self.events.start(ev)
+            try:
+                stats = backend.stats()
+                ev.num_tokens = backend.clear()
+                ev.chunks_total = ev.chunks_done = stats.chunks
+                ev.bytes_before = stats.bytes
+            except StorageError as exc:
+                self.events.finish(ev, error=str(exc))
+            else:
+                self.events.finish(ev)
+
+        # The reply carries num_tokens, so clear runs before it (fast: no codec work).
+        self._io_pool.submit(run).result()
+        return ev
+
+    def pin(self, instance_id: str, location: str, tokens: Sequence[int], pinned: bool = True
+            ) -> Event:
+        self.check_instance(instance_id)
+        self.check_tokens(tokens)
+        backend = self.backend(location)
+        refs = self.matched(backend, tokens)
+
+        def job(ev: Event, rs: list[ChunkRef]) -> None:
+            for ref in rs:
+                if backend.set_pinned(ref.key, pinned):
+                    self.events.progress(ev, 0, 0)
+
+        return self._schedule(self._io_pool, "pin" if pinned else "unpin", instance_id, None,
+                              location, refs, job)
+
+    def move(self, old: tuple[str, str], new: tuple[str, str], tokens: Sequence[int],
+             should_copy: bool) -> Event:
+        self.check_instance(old[0])
+        self.check_instance(new[0])
+        self.check_tokens(tokens)
+        src, dst = self.backend(old[1]), self.backend(new[1])
+        if src is dst:
+            raise RequestError(400, f"old_position and new_position are both {old[1]!r}; "
+                                    "nothing to move")
+        refs = self.matched(src, tokens)
+
+        def job(ev: Event, rs: list[ChunkRef]) -> None:
+            for ref in rs:
+                blob = src.get(ref.key)
+                if blob is None:
+                    raise StorageError(f"chunk tokens {ref.start}-{ref.end} left {src.name} "
+                                       "before it was moved")
+                dst.put(ref.key, blob, ref.num_tokens)
+                if not should_copy:
+                    src.delete(ref.key)
+                self.events.progress(ev, len(blob), len(blob))
+
+        return self._schedule(self._io_pool, "move", old[0], None, f"{old[1]}->{new[1]}", refs,
+                              job)
+
+    def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
+        self.check_tokens(tokens)
+        best: tuple[str, int] | None = None
+        for name, backend in self.backends.items():
+            refs = self.matched(backend, tokens)
+            n = refs[-1].end if refs else 0
+            if n and (best is None or n > best[1]):
+                best = (name, n)
+        return {self.instance_id: [best[0], best[1]]} if best else {}
+
+    # ---- the engine's side ----------------------------------------------------------
+    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None
+                 ) -> int:
+        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk.
+
+        Chunks already present (possibly compressed) are left alone. Returns chunks written.
+        """
+        import torch
+
+        backend = self.backend(location or self.settings.engine_location)
+        written = 0
+        for ref in self.refs(tokens):
+            if ref.end > kv.shape[2] or backend.contains(ref.key):
+                continue
+            part = kv[:, :, ref.start:ref.end].to(torch.float16)
+            backend.put(ref.key, self._raw.encode(part), ref.num_tokens)
+            written += 1
+        return written
+
+    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None,
+                    location: str | None = None) -> tuple[int, torch.Tensor | None]:
+        """The stored KV of the longest stored prefix of ``tokens``, decoding as needed."""
+        import torch
+
+        backend = self.backend(location or self.settings.engine_location)
+        parts = []
+        n = 0
+        for ref in self.refs(tokens):
+            blob = backend.get(ref.key)
+            if blob is None:
+                break
+            try:
+                parts.append(decode_blob(blob, device=self.device))
+            except CodecError as exc:
+                log.warning("stored chunk %s is unreadable (%s); recomputing it", ref.key, exc)
+                break
+            n = ref.end
+        if not parts:
+            return 0, None
+        kv = torch.cat(parts, dim=2)
+        if max_tokens is not None and n > max_tokens:
+            kv, n = kv[:, :, :max_tokens], max_tokens
+        return n, kv
+
+    # ---- lifecycle ------------------------------------------------------------------
+    def queue_depth(self) -> int:
+        return self.events.active()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._io_pool.shutdown(wait=True, cancel_futures=True)
+        for b in self.backends.values():
+            b.close()
+
+
+def _pick_device(pref: str) -> str:
+    if pref != "auto":
+        return pref
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
