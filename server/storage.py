@@ -276,7 +276,8 @@ class LocalDiskBackend(StorageBackend):
             try:
                 atomic_write(self._path(key, num_tokens), blob)
             except OSError as exc:
-                raise StorageError(f"{self.name}: cannot write {self.root}: {exc.strerror}") from None
+                raise StorageError(
+                    f"{self.name}: cannot write {self.root}: {exc.strerror}") from None
             if old is not None:
                 self._bytes -= old[1]
                 if old[0] != num_tokens:
