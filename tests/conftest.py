@@ -44,7 +44,7 @@ def lm():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from kvctl.server.engine import load_tokenizer_for
+    from kvctl.server.model import load_tokenizer_for
 
     return load_tokenizer_for("smollm2")
 
