@@ -125,8 +125,8 @@ class Engine:
         text = ""
         with torch.inference_mode():
             step = torch.tensor([ids[n_cached:]], device=dev)
-            res = model(input_ids=step, past_key_values=cache, use_cache=True)
-            cache = res.past_key_values
+            res = model(input_ids=step, cache=cache, use_cache=True)
+            cache = res.cache
             # fp16, as a serving engine's paged cache would hold it
             self.runtime.store_kv(ids, kv_from_cache(cache).to(torch.float16).cpu())
             logits = res.logits[0, -1]
@@ -141,9 +141,9 @@ class Engine:
                 if hit is not None:
                     text, finish = text[:hit], "stop"
                     break
-                res = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache,
+                res = model(input_ids=torch.tensor([[nxt]], device=dev), cache=cache,
                             use_cache=True)
-                cache = res.past_key_values
+                cache = res.cache
                 logits = res.logits[0, -1]
         return Generation(text, finish, len(ids), len(out_ids), n_cached)
 

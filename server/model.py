@@ -232,6 +232,6 @@ def prefill(lm: LoadedModel, token_ids: list[int], past_kv: torch.Tensor | None 
     cache = cache_from_kv(past_kv.to(params.device), params.dtype) if past_kv is not None else None
     ids = torch.tensor([token_ids], dtype=torch.long, device=params.device)
     with torch.inference_mode():
-        out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    new_cache = out.past_key_values
+        out = lm.model(input_ids=ids, cache=cache, use_cache=True)
+    new_cache = out.cache
     return out.logits[0], kv_from_cache(new_cache)

@@ -24,7 +24,7 @@ PROSE = (
     "done for eleven years, and lit the old oven that her grandfather had built from river "
     "stones. The first loaves were always for the night watchmen, who came in stamping their "
     "boots and complaining about the fog. "
-) * 6
+) * 8
 
 
 def free_port() -> int:

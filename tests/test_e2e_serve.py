@@ -1,0 +1,141 @@
+"""End to end: a real `kvctl serve` process on loopback ports, driven over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import DATA, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.model]
+
+SEED_PROMPT = "Explain the significance of KV cache in language models."
+INSTANCE = "lmcache_default_instance"
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen
+    controller: str
+    monitor: str
+    engine: str
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"kvctl serve exited with {proc.returncode}: "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    ports = [free_port() for _ in range(3)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvctl", "serve", "--config", str(DATA / "seed_example.yaml"),
+         "--port", str(ports[0]), "--monitor-port", str(ports[1]),
+         "--engine-port", str(ports[2])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    s = Stack(proc, *(f"http://127.0.0.1:{p}" for p in ports))
+    try:
+        wait_until_ready(proc, s.engine + "/health")
+        yield s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def poll_status(controller: str, event_id: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = httpx.post(f"{controller}/check_finish", json={"event_id": event_id}
+                            ).json()["status"]
+        if status in ("finished", "failed"):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"{event_id} did not end")
+
+
+def test_seed_sequence_over_http(stack: Stack):
+    comp = {"model": "SmolLM2-135M-Instruct", "prompt": SEED_PROMPT, "max_tokens": 10,
+            "temperature": 0}
+    r = httpx.post(f"{stack.engine}/v1/completions", json=comp, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+    tok = httpx.post(f"{stack.engine}/tokenize",
+                     json={"model": "SmolLM2-135M-Instruct", "prompt": SEED_PROMPT}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+
+    req = {"instance_id": INSTANCE, "method": "cachegen", "location": "LocalCPUBackend",
+           "tokens": tok["tokens"]}
+    r = httpx.post(f"{stack.controller}/compress", json=req)
+    assert r.status_code == 200 and r.json()["num_tokens"] == tok["count"]
+    assert poll_status(stack.controller, r.json()["event_id"]) == "finished"
+    ev = httpx.get(f"{stack.controller}/events/{r.json()['event_id']}").json()
+    assert 0 < ev["bytes_after"] < ev["bytes_before"]
+
+    r = httpx.post(f"{stack.controller}/decompress", json=req)
+    assert r.json()["num_tokens"] == tok["count"]
+    assert poll_status(stack.controller, r.json()["event_id"]) == "finished"
+
+    again = httpx.post(f"{stack.engine}/v1/completions", json=comp, timeout=120).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    metrics = httpx.get(f"{stack.monitor}/metrics").text
+    assert 'kvctl_events_total{op="decompress",status="finished"} 1.0' in metrics
+
+
+def test_binds_loopback_only(stack: Stack):
+    assert stack.controller.startswith("http://127.0.0.1:")
+    port = int(stack.controller.rsplit(":", 1)[1])
+    import socket
+
+    # The port is taken on 127.0.0.1 but the wildcard address stays free: nothing listens
+    # beyond loopback.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            pytest.fail("serve listens beyond 127.0.0.1 by default")
+
+
+def test_busy_port_is_one_line_error(stack: Stack):
+    port = int(stack.controller.rsplit(":", 1)[1])
+    r = subprocess.run([sys.executable, "-m", "kvctl", "serve", "--model", "none",
+                        "--port", str(port), "--monitor-port", str(free_port())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigint_stops_cleanly(tmp_path):
+    ports = [free_port(), free_port()]
+    proc = subprocess.Popen([sys.executable, "-m", "kvctl", "serve", "--model", "none",
+                             "--port", str(ports[0]), "--monitor-port", str(ports[1])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until_ready(proc, f"http://127.0.0.1:{ports[1]}/healthz", timeout=60)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert "Traceback" not in proc.stderr.read()
