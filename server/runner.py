@@ -78,6 +78,9 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
 
         torch.set_num_threads(settings.torch_threads)
 
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the API has no authentication; anyone who can reach this "
+                    "address can read and delete cached KV", settings.host)
     runtime = WorkerRuntime(settings)
     plan: list[tuple[str, FastAPI, socket.socket]] = []
     try:
