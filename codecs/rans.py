@@ -104,7 +104,7 @@ def _choose(sym, alphabet, center, logp, log_scales):  # pragma: no cover - comp
             best = 1e300
             bi = 0
             for fam in range(2):
-                m = s1 / t_n if fam == 0 else np.sqrt(s2 / t_n)
+                m = s1 / max(t_n, 1) if fam == 0 else np.sqrt(s2 / max(t_n, 1))
                 m = max(m, 1e-3)
                 j0 = int(np.round((np.log(m) - lo) / step))
                 for j in range(j0 - 1, j0 + 2):
