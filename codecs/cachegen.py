@@ -2,16 +2,20 @@
 
 What is kept from CacheGen (SIGCOMM 2024) and what differs:
 
-* Quantization is uniform with a step chosen per (layer, K/V, head, channel) relative to that
-  channel's spread, finer for the first layers, which the model is most sensitive to
-  (CacheGen's layer-wise precision). Keys are grouped per channel, as KIVI found keys'
-  outliers live in channels.
-* The symbols are entropy coded with one probability model per (layer, K/V, channel), as in
-  CacheGen, but the model is not shipped as a histogram: each context names one table of a
-  fixed bank of discretised Laplace/Gaussian tables (one byte of side information instead
-  of LMCache's 33 int16 per channel).
-* Values too far out for the alphabet (the attention-sink token, rare outliers) are stored
-  exactly as fp16 exceptions, so clamping never distorts them.
+* Layer-wise precision driven by sensitivity (CacheGen's Insight 2): each (layer, K/V) gets
+  a step multiplier from an offline sensitivity profile of the model (``profiles.py``;
+  measured on a calibration text, never on benchmark text), or a generic one for unknown
+  models. Keys get finer steps than values: a key error moves every attention logit.
+* Quantization is uniform with one step per (layer, K/V, token, head) vector, proportional
+  to the vector's RMS. Keys' outlier channels then get the same absolute error as the rest,
+  which is what a query's dot product sees (on this model it beat per-channel grouping).
+* The first token of a chunk is stored exactly: at the start of a sequence it is the
+  attention sink that every later token reads.
+* Symbols are entropy coded with one model per (layer, K/V, channel), as in CacheGen, but
+  the model is not shipped as a histogram: each context names one table of a fixed bank of
+  discretised Laplace/Gaussian tables (one byte instead of LMCache's 33 int16 per channel).
+  The step codes are entropy coded the same way, per (layer, K/V, head).
+* Values beyond the alphabet are stored exactly as fp16 exceptions, never clipped.
 
 The quantizer is plain torch (runs on the tensor's device); only the rANS coder runs on CPU.
 Lossy: refuses inf/nan with ``NonFiniteInputError``.
@@ -29,6 +33,7 @@ from kvctl.codecs._io import Reader, tensor_bytes
 from kvctl.codecs.base import BaseCodec, register
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
+from kvctl.codecs.profiles import layer_profile
 from kvctl.codecs.rans import Bank
 
 if TYPE_CHECKING:
@@ -36,32 +41,35 @@ if TYPE_CHECKING:
 
 ALPHABET = 64
 CENTER = 31  # symbol = q + CENTER, q in [-31, 32]
-STEP_RES = 8  # steps are stored as round(STEP_RES * log2(step)) + STEP_BIAS in one byte
-STEP_BIAS = 192
+LO, HI = -CENTER, ALPHABET - 1 - CENTER
+STEP_RES = 4  # a step is stored as round(STEP_RES * log2(step)) + STEP_BIAS, one byte
+STEP_BIAS = 160
 
 
 @dataclass(frozen=True)
 class Level:
-    """Quantization steps, in units of each (token, head) vector's root mean square."""
+    """A level's base step, in units of each (token, head) vector's RMS, before the
+    per-(layer, K/V) sensitivity multipliers."""
 
-    key_step: float
-    value_step: float
-    early_layers: int  # this many first layers get the finer steps
-    early_scale: float  # step multiplier of the early layers
+    step: float
 
 
 LEVELS: dict[str, Level] = {
-    "default": Level(key_step=0.5, value_step=0.5, early_layers=3, early_scale=0.5),
-    "compact": Level(key_step=0.75, value_step=0.75, early_layers=3, early_scale=0.5),
+    "default": Level(step=0.4),
+    "compact": Level(step=0.75),
 }
+
+
+def _code_payload(words: np.ndarray) -> bytes:
+    return struct.pack("<I", words.size) + words.tobytes()
 
 
 class CacheGenCodec(BaseCodec):
     """``get_codec("cachegen", level="default" | "compact")``.
 
-    Payload: first token of the chunk as fp16; one step byte per (layer, K/V, token, head);
-    one symbol shift (int8) and one table index per (layer, K/V, channel); fp16 exceptions;
-    the rANS stream.
+    Payload: the chunk's first token (fp16); per (layer, K/V, head) a reference step code;
+    per (layer, K/V, channel) a symbol shift (int8); table indices of both streams; fp16
+    exceptions; the rANS stream of step codes; the rANS stream of symbols.
     """
 
     name = "cachegen"
@@ -87,15 +95,12 @@ class CacheGenCodec(BaseCodec):
     def describe(self) -> dict[str, Any]:
         return {"level": self.level, **asdict(self.cfg)}
 
-    def _layer_steps(self, num_layers: int, device: Any) -> torch.Tensor:
+    def _layer_steps(self, shape: tuple[int, ...], device: Any) -> torch.Tensor:
         import torch
 
-        c = self.cfg
-        mult = torch.empty(num_layers, 2, device=device)
-        mult[:, 0] = c.key_step
-        mult[:, 1] = c.value_step
-        mult[:c.early_layers] *= c.early_scale
-        return mult.view(num_layers, 2, 1, 1, 1)
+        L, _, _, H, D = shape
+        mult = torch.tensor(layer_profile(L, H, D), dtype=torch.float32, device=device)
+        return (mult * self.cfg.step).view(L, 2, 1, 1, 1)
 
     def _encode(self, kv: torch.Tensor) -> bytes:
         import torch
@@ -103,36 +108,39 @@ class CacheGenCodec(BaseCodec):
         x = kv.float()
         self.check_finite(x)
         L, _, T, H, D = x.shape
-        # The first token is kept exactly: at the start of a sequence it is the attention
-        # sink, whose keys and values every later token reads, and quantizing it costs far
-        # more fidelity than its 1/chunk_size share of the bytes.
         first = x[:, :, :1].half()
         body = x[:, :, 1:]
-        # One step per (token, head) vector: keys' outlier channels then get the same
-        # absolute error as the rest, which is what a query's dot product sees.
         rms = body.square().mean(dim=-1, keepdim=True).sqrt_()
-        step = rms.mul_(self._layer_steps(L, x.device))
-        code = torch.round(STEP_RES * torch.log2(step.clamp_min_(2.0 ** -23)) + STEP_BIAS)
+        step = rms.mul_(self._layer_steps(tuple(x.shape), x.device))
+        code = torch.round(STEP_RES * torch.log2(step.clamp_min_(2.0 ** -24)) + STEP_BIAS)
         code = code.clamp_(0, 255)
+        # Step codes are coded relative to their (layer, K/V, head)'s mean; a code farther
+        # off than the alphabet is pulled in, which only makes that token's step finer or
+        # coarser, and the decoder sees the same code either way.
+        ref = torch.round(code.mean(dim=2, keepdim=True)).clamp_(0, 255)
+        code = torch.minimum(torch.maximum(code, ref + LO), ref + HI).clamp_(0, 255)
+        code_sym = (code - ref + CENTER).to(torch.uint8)
         step = torch.exp2((code - STEP_BIAS) / STEP_RES)
         q = torch.round(body / step)
         # Channels with an offset (keys' outlier channels) are re-centred in symbol space, so
         # the centred tables of the bank fit them; the quantization itself is unchanged.
         shift = torch.round(q.mean(dim=2, keepdim=True)).clamp_(-127, 127)
         q -= shift
-        lo, hi = -CENTER, ALPHABET - 1 - CENTER
-        out = (q < lo) | (q > hi)
-        sym = (q.clamp_(lo, hi) + CENTER).to(torch.uint8)
+        out = (q < LO) | (q > HI)
+        sym = (q.clamp_(LO, HI) + CENTER).to(torch.uint8)
         exc_idx = torch.nonzero(out.reshape(-1)).reshape(-1)
         exc_val = body.reshape(-1)[exc_idx].half()
+        bank = self.bank
+        csym = code_sym.cpu().numpy().reshape(L * 2, T - 1, H)
+        cctx = bank.choose(csym)
         sym_np = sym.cpu().numpy().reshape(L * 2, T - 1, H * D)
-        ctx = self.bank.choose(sym_np)
-        words = self.bank.encode(sym_np, ctx)
+        ctx = bank.choose(sym_np)
         return b"".join((
-            tensor_bytes(first), tensor_bytes(code.to(torch.uint8)),
-            tensor_bytes(shift.to(torch.int8)), ctx.tobytes(),
+            tensor_bytes(first), tensor_bytes(ref.to(torch.uint8)),
+            tensor_bytes(shift.to(torch.int8)), cctx.tobytes(), ctx.tobytes(),
             struct.pack("<I", exc_idx.numel()), tensor_bytes(exc_idx.to(torch.int32)),
-            tensor_bytes(exc_val), words.tobytes()))
+            tensor_bytes(exc_val), _code_payload(bank.encode(csym, cctx)),
+            bank.encode(sym_np, ctx).tobytes()))
 
     def _decode(self, payload: memoryview, info: BlobInfo, device: Any) -> torch.Tensor:
         import torch
@@ -140,12 +148,15 @@ class CacheGenCodec(BaseCodec):
         L, _, T, H, D = info.shape
         r = Reader(payload)
         first = r.tensor(torch.float16, (L, 2, 1, H, D), device).float()
-        code = r.tensor(torch.uint8, (L, 2, T - 1, H, 1), device).float()
+        ref = r.tensor(torch.uint8, (L, 2, 1, H, 1), device).float()
         shift = r.tensor(torch.int8, (L, 2, 1, H, D), device).float()
+        cctx = r.array(np.uint8, L * 2 * H).reshape(L * 2, H)
         ctx = r.array(np.uint8, L * 2 * H * D).reshape(L * 2, H * D)
         (n_exc,) = struct.unpack("<I", r.take(4))
         exc_idx = r.tensor(torch.int32, (n_exc,), device).long()
         exc_val = r.tensor(torch.float16, (n_exc,), device).float()
+        (n_cw,) = struct.unpack("<I", r.take(4))
+        cwords = r.array(np.uint16, n_cw)
         rest = len(r.buf) - r.pos
         if rest % 2:
             raise CorruptBlobError("entropy-coded stream has an odd number of bytes")
@@ -154,7 +165,11 @@ class CacheGenCodec(BaseCodec):
         n = L * 2 * (T - 1) * H * D
         if n_exc and (int(exc_idx.min()) < 0 or int(exc_idx.max()) >= n):
             raise CorruptBlobError("exception index outside the tensor")
-        sym = self.bank.decode(words, (L * 2, T - 1, H * D), ctx)
+        bank = self.bank
+        csym = bank.decode(cwords, (L * 2, T - 1, H), cctx)
+        code = torch.from_numpy(csym).to(device).view(L, 2, T - 1, H, 1).float()
+        code += ref - CENTER
+        sym = bank.decode(words, (L * 2, T - 1, H * D), ctx)
         q = torch.from_numpy(sym).to(device).view(L, 2, T - 1, H, D).float()
         q += shift - CENTER
         body = q.mul_(torch.exp2((code - STEP_BIAS) / STEP_RES))
