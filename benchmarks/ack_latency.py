@@ -87,6 +87,7 @@ def main() -> None:
             "p95_ms": round(sorted(latencies)[int(0.95 * (len(latencies) - 1))], 2),
             "max_ms": round(max(latencies), 2),
             "max_ms_while_running": round(max(while_busy), 2) if while_busy else None,
+            "samples_ms": [round(x, 1) for x in latencies],
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
                        f"python {platform.python_version()}",
         }

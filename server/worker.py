@@ -85,6 +85,19 @@ class WorkerRuntime:
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="kvctl-io")
         self._raw = get_codec(RAW_METHOD)
         self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+        # JIT-compiled coders compile (or load their cache) on first use; do it now, on the
+        # pool, so the first real job does not pay for it.
+        self._pool.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        import torch
+
+        kv = torch.randn(1, 2, 4, 1, 8, dtype=torch.float16)
+        try:
+            for method in ("cachegen", RAW_METHOD):
+                decode_blob(codec_for_method(method).encode(kv))
+        except Exception:  # never fatal: the first real job will report the real error
+            log.exception("codec warm-up failed")
 
     # ---- validation -------------------------------------------------------------------
     def check_instance(self, instance_id: str) -> None:
