@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvctl.codecs._io import Reader, tensor_bytes
-from kvctl.codecs.base import BaseCodec, register
+from kvctl.codecs.base import FP16_MAX, BaseCodec, register, torch_dtype
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
 from kvctl.codecs.profiles import layer_profile
@@ -105,13 +105,14 @@ class CacheGenCodec(BaseCodec):
     def _encode(self, kv: torch.Tensor) -> bytes:
         import torch
 
-        x = kv.float()
-        self.check_finite(x)
-        L, _, T, H, D = x.shape
-        first = x[:, :, :1].half()
-        body = x[:, :, 1:]
-        rms = body.square().mean(dim=-1, keepdim=True).sqrt_()
-        step = rms.mul_(self._layer_steps(tuple(x.shape), x.device))
+        L, _, T, H, D = kv.shape
+        # Each full pass over the chunk costs about a millisecond per core on CPU, so the
+        # quantizer is written as few passes as possible, in place where it can be.
+        first = kv[:, :, :1]
+        body = kv[:, :, 1:].to(torch.float32, copy=True)  # never modify the caller's tensor
+        norm = torch.linalg.vector_norm(body, dim=-1, keepdim=True)
+        self._check_range(first, norm, body)
+        step = norm.mul_(self._layer_steps(tuple(kv.shape), kv.device) / D ** 0.5)
         code = torch.round(STEP_RES * torch.log2(step.clamp_min_(2.0 ** -24)) + STEP_BIAS)
         code = code.clamp_(0, 255)
         # Step codes are coded relative to their (layer, K/V, head)'s mean; a code farther
@@ -120,27 +121,46 @@ class CacheGenCodec(BaseCodec):
         ref = torch.round(code.mean(dim=2, keepdim=True)).clamp_(0, 255)
         code = torch.minimum(torch.maximum(code, ref + LO), ref + HI).clamp_(0, 255)
         code_sym = (code - ref + CENTER).to(torch.uint8)
-        step = torch.exp2((code - STEP_BIAS) / STEP_RES)
-        q = torch.round(body / step)
-        # Channels with an offset (keys' outlier channels) are re-centred in symbol space, so
-        # the centred tables of the bank fit them; the quantization itself is unchanged.
-        shift = torch.round(q.mean(dim=2, keepdim=True)).clamp_(-127, 127)
-        q -= shift
-        out = (q < LO) | (q > HI)
-        sym = (q.clamp_(LO, HI) + CENTER).to(torch.uint8)
-        exc_idx = torch.nonzero(out.reshape(-1)).reshape(-1)
-        exc_val = body.reshape(-1)[exc_idx].half()
+        q = body.mul_(torch.exp2((STEP_BIAS - code) / STEP_RES)).round_()
+        # Channels with an offset (keys' outlier channels) are re-centred in symbol space so
+        # the centred tables of the bank fit them; any integer shift decodes exactly, so a
+        # sample of the tokens is enough to estimate it.
+        shift = torch.round(q[:, :, ::4].mean(dim=2, keepdim=True)).clamp_(-127, 127)
+        q.sub_(shift - CENTER).clamp_(-128, 127)
+        # int8 keeps what lies outside the alphabet visible to the CPU pass that clamps it,
+        # records it as an exception and picks the tables, all in one sweep
         bank = self.bank
+        q8 = q.to(torch.int8).cpu().numpy().reshape(L * 2, T - 1, H * D)
+        sym_np, ctx, exc = bank.symbolize(q8)
+        exc_idx = torch.from_numpy(exc)
+        exc_val = self._exact_values(kv, exc_idx)
         csym = code_sym.cpu().numpy().reshape(L * 2, T - 1, H)
         cctx = bank.choose(csym)
-        sym_np = sym.cpu().numpy().reshape(L * 2, T - 1, H * D)
-        ctx = bank.choose(sym_np)
         return b"".join((
-            tensor_bytes(first), tensor_bytes(ref.to(torch.uint8)),
+            tensor_bytes(first.half()), tensor_bytes(ref.to(torch.uint8)),
             tensor_bytes(shift.to(torch.int8)), cctx.tobytes(), ctx.tobytes(),
             struct.pack("<I", exc_idx.numel()), tensor_bytes(exc_idx.to(torch.int32)),
             tensor_bytes(exc_val), _code_payload(bank.encode(csym, cctx)),
             bank.encode(sym_np, ctx).tobytes()))
+
+    @staticmethod
+    def _exact_values(kv: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """fp16 copies of body elements by flat index into ``[L * 2, T - 1, H * D]``."""
+        _, _, T, H, D = kv.shape
+        c = flat % (H * D)
+        gt = flat // (H * D)
+        t = gt % (T - 1) if T > 1 else gt
+        g = gt // max(T - 1, 1)
+        idx = [i.to(kv.device) for i in (g // 2, g % 2, t + 1, c // D, c % D)]
+        return kv[idx[0], idx[1], idx[2], idx[3], idx[4]].half()
+
+    def _check_range(self, first: torch.Tensor, norm: torch.Tensor, body: torch.Tensor
+                     ) -> None:
+        """inf/nan anywhere make a vector's norm non-finite, and a norm within fp16 range
+        bounds every element of its vector, so the full check runs only when needed."""
+        if norm.numel() and not bool(norm.amax() <= FP16_MAX):
+            self.check_finite(body)
+        self.check_finite(first.float())
 
     def _decode(self, payload: memoryview, info: BlobInfo, device: Any) -> torch.Tensor:
         import torch
@@ -171,11 +191,14 @@ class CacheGenCodec(BaseCodec):
         code += ref - CENTER
         sym = bank.decode(words, (L * 2, T - 1, H * D), ctx)
         q = torch.from_numpy(sym).to(device).view(L, 2, T - 1, H, D).float()
-        q += shift - CENTER
-        body = q.mul_(torch.exp2((code - STEP_BIAS) / STEP_RES))
+        body = q.add_(shift - CENTER).mul_(torch.exp2((code - STEP_BIAS) / STEP_RES))
         if n_exc:
             body.view(-1)[exc_idx] = exc_val
-        return torch.cat((first, body), dim=2)
+        # written straight into the caller's dtype: no concatenation, no second cast
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device=device)
+        out[:, :, :1] = first
+        out[:, :, 1:] = body
+        return out
 
 
 register("cachegen", CacheGenCodec,

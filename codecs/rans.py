@@ -25,21 +25,25 @@ RANS_L = 1 << 16
 NSTATES = 4
 
 
-@functools.lru_cache(maxsize=8)
-def make_bank(alphabet: int, center: int, nscales: int = 40) -> tuple[np.ndarray, np.ndarray,
-                                                                      np.ndarray, np.ndarray]:
-    """Fixed bank of discretised Laplace and Gaussian tables around ``center``.
+# Bank layout: one discretised Gaussian per (offset, scale). Offsets let a context whose
+# mean sits between two integers (re-centring is by whole symbols) keep its skew.
+OFFSETS = (-0.5, -0.25, 0.0, 0.25, 0.5)
+NSCALES = 48
 
-    Returns (freq [N, A] uint32, cum [N, A] uint32, lut [N, PROB_SCALE] uint8, scale [N]).
-    Scales (in units of one quantisation step) are log-spaced from 0.05 to 64; every symbol
-    keeps a frequency of at least 1 so any clamped symbol is encodable.
+
+@functools.lru_cache(maxsize=8)
+def make_bank(alphabet: int, center: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                   np.ndarray]:
+    """Fixed bank of discretised Gaussian tables around ``center``.
+
+    Returns (freq [N, A] uint32, cum [N, A] uint32, lut [N, PROB_SCALE] uint8,
+    log variance [len(OFFSETS), NSCALES]) with table index ``offset * NSCALES + scale``.
+    Scales (in quantisation steps) are log-spaced from 0.08 to 48; every symbol keeps a
+    frequency of at least 1, so any symbol of the alphabet is encodable with any table.
     """
-    scales = np.geomspace(0.05, 64.0, nscales)
+    scales = np.geomspace(0.08, 48.0, NSCALES)
     k = np.arange(alphabet, dtype=np.float64) - center
-    rows = []
-    for s in scales:
-        rows.append(np.exp(-np.abs(k) / s))  # Laplace
-        rows.append(np.exp(-0.5 * (k / s) ** 2))  # Gaussian
+    rows = [np.exp(-0.5 * ((k - o) / s) ** 2) for o in OFFSETS for s in scales]
     probs = np.stack(rows)
     probs /= probs.sum(axis=1, keepdims=True)
     freq = _quantize_probs(probs)
@@ -48,8 +52,13 @@ def make_bank(alphabet: int, center: int, nscales: int = 40) -> tuple[np.ndarray
     lut = np.zeros((len(freq), PROB_SCALE), dtype=np.uint8)
     for i in range(len(freq)):
         lut[i] = np.repeat(np.arange(alphabet, dtype=np.uint8), freq[i])
-    return (freq.astype(np.uint32), cum.astype(np.uint32), lut,
-            np.repeat(scales, 2).astype(np.float64))
+    # moments of the ideal tables: the 1/4096 floor of far symbols would swamp a narrow
+    # table's variance
+    mean = (probs * k).sum(axis=1, keepdims=True)
+    var = (probs * (k - mean) ** 2).sum(axis=1)
+    # monotone in the scale, which the moment-matching search relies on
+    logvar = np.maximum.accumulate(np.log(var).reshape(len(OFFSETS), NSCALES), axis=1)
+    return freq.astype(np.uint32), cum.astype(np.uint32), lut, logvar
 
 
 def _quantize_probs(probs: np.ndarray) -> np.ndarray:
@@ -75,81 +84,193 @@ def _quantize_probs(probs: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _choose(sym, alphabet, center, logp, log_scales):  # pragma: no cover - compiled
-    """Per context, the cheapest of a few bank tables near its moment-matched scales.
+def _choose(sym, center, logvar, offsets):  # pragma: no cover - compiled
+    """Per context, the bank table matching its mean (offset) and variance (scale).
 
-    Evaluating all tables on every histogram costs more than the coding itself, so only
-    the Laplace and Gaussian tables next to the context's mean |k| and rms are tried.
+    Moment matching is the maximum-likelihood fit of a Gaussian and needs one streaming
+    pass, where scoring tables against histograms cost more than the coding itself.
     """
     g_n, t_n, c_n = sym.shape
-    nt = logp.shape[0]
-    nsc = nt // 2
     out = np.zeros((g_n, c_n), dtype=np.uint8)
-    hist = np.zeros((c_n, alphabet), dtype=np.int64)
-    lo = log_scales[0]
-    step = (log_scales[nsc - 1] - lo) / (nsc - 1)
+    s1 = np.zeros(c_n, dtype=np.float64)
+    s2 = np.zeros(c_n, dtype=np.float64)
+    if t_n == 0:
+        return out
     for g in range(g_n):
-        hist[:, :] = 0
+        s1[:] = 0.0
+        s2[:] = 0.0
         for t in range(t_n):
             for c in range(c_n):
-                hist[c, sym[g, t, c]] += 1
+                d = np.float64(sym[g, t, c]) - center
+                s1[c] += d
+                s2[c] += d * d
         for c in range(c_n):
-            s1 = 0.0
-            s2 = 0.0
-            for a in range(alphabet):
-                h = hist[c, a]
-                d = a - center
-                s1 += h * abs(d)
-                s2 += h * d * d
-            best = 1e300
-            bi = 0
-            for fam in range(2):
-                m = s1 / max(t_n, 1) if fam == 0 else np.sqrt(s2 / max(t_n, 1))
-                m = max(m, 1e-3)
-                j0 = int(np.round((np.log(m) - lo) / step))
-                for j in range(j0 - 1, j0 + 2):
-                    if j < 0 or j >= nsc:
-                        continue
-                    k = 2 * j + fam
-                    cost = 0.0
-                    for a in range(alphabet):
-                        if hist[c, a]:
-                            cost += hist[c, a] * logp[k, a]
-                    if cost < best:
-                        best = cost
-                        bi = k
-            out[g, c] = bi
+            out[g, c] = _pick(s1[c] / t_n, s2[c] / t_n, logvar, offsets)
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _encode(sym, ctx, freq, cum):  # pragma: no cover - compiled
+def _symbolize(q, alphabet, center, logvar, offsets):  # pragma: no cover - compiled
+    """int8 symbols -> (uint8 symbols clamped to the alphabet, table per context, flat
+    indices of the clamped ones). One pass does what would otherwise take three.
+
+    The per-row loop is branch-free so it vectorises; rows that had anything outside the
+    alphabet (rare) are revisited to record where.
+    """
+    g_n, t_n, c_n = q.shape
+    sym = np.empty((g_n, t_n, c_n), dtype=np.uint8)
+    exc = np.empty(1024, dtype=np.int64)
+    n_exc = 0
+    s1 = np.zeros((g_n, c_n), dtype=np.int64)
+    s2 = np.zeros((g_n, c_n), dtype=np.int64)
+    top = alphabet - 1
+    for g in range(g_n):
+        r1 = s1[g]
+        r2 = s2[g]
+        for t in range(t_n):
+            row = q[g, t]
+            out = sym[g, t]
+            bad = 0
+            for c in range(c_n):
+                v = np.int64(row[c])
+                bad |= (v < 0) | (v > top)
+                v = min(max(v, 0), top)
+                out[c] = v
+                r1[c] += v
+                r2[c] += v * v
+            if bad:
+                base = (g * t_n + t) * c_n
+                for c in range(c_n):
+                    if row[c] < 0 or row[c] > top:
+                        if n_exc == exc.shape[0]:
+                            bigger = np.empty(2 * n_exc, dtype=np.int64)
+                            bigger[:n_exc] = exc
+                            exc = bigger
+                        exc[n_exc] = base + c
+                        n_exc += 1
+    ctx = np.zeros((g_n, c_n), dtype=np.uint8)
+    if t_n:
+        for g in range(g_n):
+            for c in range(c_n):
+                m = s1[g, c] / t_n
+                ctx[g, c] = _pick(m - center, s2[g, c] / t_n - m * m + (m - center) ** 2,
+                                  logvar, offsets)
+    return sym, ctx, exc[:n_exc].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _pick(m, m2, logvar, offsets):  # pragma: no cover - compiled
+    """Table whose offset is nearest the mean and whose variance is nearest (in log)."""
+    n_off, nsc = logvar.shape
+    v = m2 - m * m
+    oi = 0
+    best = 1e300
+    for j in range(n_off):
+        e = abs(offsets[j] - m)
+        if e < best:
+            best = e
+            oi = j
+    lv = np.log(max(v, 1e-12))
+    si = 0
+    best = 1e300
+    for j in range(nsc):
+        e = abs(logvar[oi, j] - lv)
+        if e < best:
+            best = e
+            si = j
+    return oi * nsc + si
+
+
+@numba.njit(inline="always")
+def _enc_step(xs, f, inv_f, c, buf, p):  # pragma: no cover - compiled
+    """Push one symbol (frequency f, cumulative c) into state xs; returns (xs, p).
+
+    Branch-free renormalisation: the low word is always written and the write position
+    moves only when the state had to shrink (whether it does is a coin flip for the
+    branch predictor). x // f goes through a float reciprocal, exact or one short.
+    """
+    cond = np.int64(xs >= (f << 20))  # ((L >> PROB_BITS) << 16) * f, L = 2**16
+    buf[p - 1] = xs & 0xFFFF
+    p -= cond
+    xs >>= cond << 4
+    qt = np.int64(np.float64(xs) * inv_f)
+    r = xs - qt * f
+    if r >= f:
+        qt += 1
+        r -= f
+    return (qt << 12) + r + c, p
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(sym, ctx, freq, cum, inv):  # pragma: no cover - compiled
     g_n, t_n, c_n = sym.shape
     n = g_n * t_n * c_n
     buf = np.empty(n + 2 * 4 + 8, dtype=np.uint16)
     p = buf.shape[0]
-    x = np.full(4, 1 << 16, dtype=np.uint64)
-    i = n
-    for g in range(g_n - 1, -1, -1):
-        for t in range(t_n - 1, -1, -1):
-            for c in range(c_n - 1, -1, -1):
-                i -= 1
-                lane = i & 3
-                s = sym[g, t, c]
-                k = ctx[g, c]
-                f = np.uint64(freq[k, s])
-                xs = x[lane]
-                if xs >= (f << np.uint64(20)):  # ((L >> PROB_BITS) << 16) * f, L = 2**16
-                    p -= 1
-                    buf[p] = xs & np.uint64(0xFFFF)
-                    xs >>= np.uint64(16)
-                x[lane] = ((xs // f) << np.uint64(12)) + (xs % f) + np.uint64(cum[k, s])
+    # states < 2**32 live in int64: signed integers convert to float natively
+    x = np.full(4, 1 << 16, dtype=np.int64)
+    if c_n % 4 == 0:
+        # symbol (g, t, c) belongs to state c % 4: four independent chains per iteration
+        x0 = x[0]
+        x1 = x[1]
+        x2 = x[2]
+        x3 = x[3]
+        for g in range(g_n - 1, -1, -1):
+            kr = ctx[g]
+            for t in range(t_n - 1, -1, -1):
+                row = sym[g, t]
+                for c in range(c_n - 4, -1, -4):
+                    k = kr[c + 3]
+                    s = row[c + 3]
+                    x3, p = _enc_step(x3, np.int64(freq[k, s]), inv[k, s],
+                                      np.int64(cum[k, s]), buf, p)
+                    k = kr[c + 2]
+                    s = row[c + 2]
+                    x2, p = _enc_step(x2, np.int64(freq[k, s]), inv[k, s],
+                                      np.int64(cum[k, s]), buf, p)
+                    k = kr[c + 1]
+                    s = row[c + 1]
+                    x1, p = _enc_step(x1, np.int64(freq[k, s]), inv[k, s],
+                                      np.int64(cum[k, s]), buf, p)
+                    k = kr[c]
+                    s = row[c]
+                    x0, p = _enc_step(x0, np.int64(freq[k, s]), inv[k, s],
+                                      np.int64(cum[k, s]), buf, p)
+        x[0] = x0
+        x[1] = x1
+        x[2] = x2
+        x[3] = x3
+    else:
+        i = n
+        for g in range(g_n - 1, -1, -1):
+            for t in range(t_n - 1, -1, -1):
+                for c in range(c_n - 1, -1, -1):
+                    i -= 1
+                    lane = i & 3
+                    k = ctx[g, c]
+                    s = sym[g, t, c]
+                    x[lane], p = _enc_step(x[lane], np.int64(freq[k, s]), inv[k, s],
+                                           np.int64(cum[k, s]), buf, p)
     for lane in range(3, -1, -1):
         p -= 1
-        buf[p] = x[lane] >> np.uint64(16)
+        buf[p] = x[lane] >> 16
         p -= 1
-        buf[p] = x[lane] & np.uint64(0xFFFF)
+        buf[p] = x[lane] & 0xFFFF
     return buf[p:].copy()
+
+
+@numba.njit(inline="always")
+def _dec_step(xs, k, freq, cum, lut, words, p, nw):  # pragma: no cover - compiled
+    """Pop one symbol from state xs; returns (symbol, xs, p). Branch-free refill: the
+    read position is clamped so a truncated stream never reads out of bounds; the caller
+    checks p afterwards."""
+    slot = xs & (PROB_SCALE - 1)
+    s = lut[k, slot]
+    xs = np.int64(freq[k, s]) * (xs >> 12) + slot - np.int64(cum[k, s])
+    cond = np.int64(xs < (1 << 16))
+    w = np.int64(words[min(p, nw)])
+    xs = (xs << (cond << 4)) | (w & -cond)
+    return s, xs, p + cond
 
 
 @numba.njit(cache=True, nogil=True)
@@ -158,32 +279,53 @@ def _decode(words, shape_g, shape_t, shape_c, ctx, freq, cum, lut):  # pragma: n
     nw = words.shape[0]
     if nw < 8:
         return out, -1
-    x = np.empty(4, dtype=np.uint64)
+    padded = np.zeros(nw + 1, dtype=np.uint16)
+    padded[:nw] = words
+    x = np.empty(4, dtype=np.int64)
     p = 0
     for lane in range(4):
-        x[lane] = np.uint64(words[p]) | (np.uint64(words[p + 1]) << np.uint64(16))
+        x[lane] = np.int64(words[p]) | (np.int64(words[p + 1]) << 16)
         p += 2
-    i = 0
-    mask = np.uint64(PROB_SCALE - 1)
-    for g in range(shape_g):
-        for t in range(shape_t):
-            for c in range(shape_c):
-                lane = i & 3
-                i += 1
-                k = ctx[g, c]
-                xs = x[lane]
-                slot = xs & mask
-                s = lut[k, slot]
-                out[g, t, c] = s
-                xs = np.uint64(freq[k, s]) * (xs >> np.uint64(12)) + slot - np.uint64(cum[k, s])
-                if xs < np.uint64(1 << 16):
-                    if p >= nw:
-                        return out, -1
-                    xs = (xs << np.uint64(16)) | np.uint64(words[p])
-                    p += 1
-                x[lane] = xs
+    if shape_c % 4 == 0:
+        x0 = x[0]
+        x1 = x[1]
+        x2 = x[2]
+        x3 = x[3]
+        for g in range(shape_g):
+            kr = ctx[g]
+            for t in range(shape_t):
+                row = out[g, t]
+                for c in range(0, shape_c, 4):
+                    s, x0, p = _dec_step(x0, kr[c], freq, cum, lut, padded, p, nw)
+                    row[c] = s
+                    s, x1, p = _dec_step(x1, kr[c + 1], freq, cum, lut, padded, p, nw)
+                    row[c + 1] = s
+                    s, x2, p = _dec_step(x2, kr[c + 2], freq, cum, lut, padded, p, nw)
+                    row[c + 2] = s
+                    s, x3, p = _dec_step(x3, kr[c + 3], freq, cum, lut, padded, p, nw)
+                    row[c + 3] = s
+            if p > nw:
+                return out, -1
+        x[0] = x0
+        x[1] = x1
+        x[2] = x2
+        x[3] = x3
+    else:
+        i = 0
+        for g in range(shape_g):
+            for t in range(shape_t):
+                for c in range(shape_c):
+                    lane = i & 3
+                    i += 1
+                    s, x[lane], p = _dec_step(x[lane], ctx[g, c], freq, cum, lut, padded,
+                                              p, nw)
+                    out[g, t, c] = s
+            if p > nw:
+                return out, -1
+    if p > nw:
+        return out, -1
     for lane in range(4):
-        if x[lane] != np.uint64(1 << 16):
+        if x[lane] != (1 << 16):
             return out, -2
     if p != nw:
         return out, -3
@@ -196,19 +338,26 @@ class Bank:
     def __init__(self, alphabet: int, center: int) -> None:
         self.alphabet = alphabet
         self.center = center
-        self.freq, self.cum, self.lut, self.scales = make_bank(alphabet, center)
-        self.logp = -np.log2(self.freq / PROB_SCALE)
+        self.freq, self.cum, self.lut, self.logvar = make_bank(alphabet, center)
+        self.inv = 1.0 / self.freq.astype(np.float64)
+        self.offsets = np.array(OFFSETS, dtype=np.float64)
         self.ntables = len(self.freq)
 
     def choose(self, sym: np.ndarray) -> np.ndarray:
         """Table index per context ``[G, C]`` for symbols ``[G, T, C]``."""
-        return _choose(np.ascontiguousarray(sym), self.alphabet, self.center, self.logp,
-                       np.log(self.scales[::2]))
+        return _choose(np.ascontiguousarray(sym), float(self.center), self.logvar,
+                       self.offsets)
+
+    def symbolize(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int8 ``[G, T, C]`` -> (uint8 symbols, tables ``[G, C]``, flat indices of the
+        entries that fell outside the alphabet and were clamped)."""
+        return _symbolize(np.ascontiguousarray(q), self.alphabet, float(self.center),
+                          self.logvar, self.offsets)
 
     def encode(self, sym: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         if sym.size and int(sym.max()) >= self.alphabet:
             raise ValueError("symbol outside the alphabet")
-        return _encode(np.ascontiguousarray(sym), ctx, self.freq, self.cum)
+        return _encode(np.ascontiguousarray(sym), ctx, self.freq, self.cum, self.inv)
 
     def decode(self, words: np.ndarray, shape: tuple[int, int, int], ctx: np.ndarray
                ) -> np.ndarray:
