@@ -3,7 +3,8 @@
 Symbols come as ``[G, T, C]`` (e.g. G = layers x {K, V}, T = tokens, C = heads x head_dim)
 and context ``(g, c)`` uses table ``ctx_table[g, c]`` of a shared bank. The tables are not
 shipped: the bank is a fixed function of the alphabet size (see ``make_bank``), so the only
-side information is one table index per context.
+side information is one table index per context. Everything is static (no adaptation), so
+decoding needs nothing but the stream and the indices.
 
 32-bit states, 16-bit renormalisation, 12-bit probabilities, four interleaved states so the
 CPU overlaps their dependency chains. numba compiles the loops (cached on disk); the rest of

@@ -265,6 +265,9 @@ def table_rows(report: BenchReport) -> list[list[str]]:
 
 HEADERS = ["codec", "bits/elem", "ratio vs fp16", "encode MB/s", "decode MB/s",
            "rel. error", "top-1 agree", "ppl change"]
+# the same columns, narrow enough for an 80-column terminal
+SHORT_HEADERS = ["codec", "bits/el", "ratio", "enc MB/s", "dec MB/s", "rel err", "top-1",
+                 "ppl Δ"]
 
 
 def markdown(report: BenchReport, command: str = "kvctl bench") -> str:
@@ -287,6 +290,11 @@ def markdown(report: BenchReport, command: str = "kvctl bench") -> str:
         "|" + "---|" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += ["", "Columns: bits per element and ratio count every byte of every blob (header, "
+              "side information, checksum); relative error is ||decoded - KV|| / ||KV|| over "
+              "the whole prefix; top-1 is the share of continuation positions whose argmax "
+              "next token matches the exact-KV run; ppl change is the relative change in "
+              "perplexity of the true continuation tokens."]
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,7 @@ def bench(
 
     table = Table(title=f"KV codecs on {Path(report.source).name}: {report.shape} "
                         f"in {report.chunk_size}-token chunks")
-    for i, h in enumerate(b.HEADERS):
+    for i, h in enumerate(b.SHORT_HEADERS):
         table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in b.table_rows(report):
         table.add_row(*row)
