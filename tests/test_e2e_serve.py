@@ -106,19 +106,29 @@ def test_seed_sequence_over_http(stack: Stack):
     assert 'kvctl_events_total{op="decompress",status="finished"} 1.0' in metrics
 
 
-def test_binds_loopback_only(stack: Stack):
-    assert stack.controller.startswith("http://127.0.0.1:")
-    port = int(stack.controller.rsplit(":", 1)[1])
-    import socket
-
-    # The port is taken on 127.0.0.1 but the wildcard address stays free: nothing listens
-    # beyond loopback.
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a LISTEN socket on ``port``, read from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            s.bind(("0.0.0.0", port))
+            lines = open(table).read().splitlines()[1:]
         except OSError:
-            pytest.fail("serve listens beyond 127.0.0.1 by default")
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(addr)
+    return found
+
+
+def test_binds_loopback_only(stack: Stack):
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs Linux /proc/net/tcp")
+    for url in (stack.controller, stack.monitor, stack.engine):
+        port = int(url.rsplit(":", 1)[1])
+        # 0100007F is 127.0.0.1 in /proc's little-endian hex
+        assert listening_addresses(port) == {"0100007F"}
 
 
 def test_busy_port_is_one_line_error(stack: Stack):
