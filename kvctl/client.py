@@ -110,7 +110,7 @@ class ControllerClient:
                 params: dict[str, Any] | None = None) -> Any:
         """Send one request; return the decoded JSON body or raise a KvctlError."""
         try:
-            r = self.http.request(method, path, json=body, params=params, timeout=self.timeout)
+            r = self.http.request(method, path, json=body, params=params)
         except httpx.ConnectError:
             raise KvctlError(start_hint(self.base_url)) from None
         except httpx.TimeoutException:
@@ -172,7 +172,14 @@ class ControllerClient:
         return self._post("/query_worker_info", body)
 
     def codecs(self) -> dict[str, Any]:
-        return self.request("GET", "/codecs")
+        try:
+            return self.request("GET", "/codecs")
+        except ControllerError as exc:
+            if _route_missing(exc):
+                raise KvctlError(f"the controller at {self.base_url} does not list its codecs "
+                                 "(upstream LMCache's has no /codecs; `kvctl serve` does)"
+                                 ) from None
+            raise
 
     # ---- events -------------------------------------------------------------------------
     def check_finish(self, event_id: str) -> dict[str, Any]:

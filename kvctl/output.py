@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -82,10 +82,12 @@ def status_text(status: str | None) -> Text:
 
 def events_table(events: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title, header_style="bold")
-    for col, justify in (("event", "left"), ("op", "left"), ("state", "left"),
-                         ("chunks", "right"), ("tokens", "right"), ("before", "right"),
-                         ("after", "right"), ("ratio", "right"), ("elapsed", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    # Ids are long: they fold onto two lines on a narrow terminal, numbers never wrap.
+    table.add_column("event", overflow="fold", min_width=12)
+    for col, justify in (("op", "left"), ("state", "left"), ("chunks", "right"),
+                         ("tokens", "right"), ("before", "right"), ("after", "right"),
+                         ("ratio", "right"), ("elapsed", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     now = time.time()
     for ev in events:
         total = ev.get("chunks_total")
@@ -119,7 +121,7 @@ def event_details(ev: Mapping[str, Any]) -> Table:
     return table
 
 
-def kv_table(rows: Iterable[tuple[str, Any]], headers: tuple[str, ...]) -> Table:
+def kv_table(rows: Iterable[Sequence[Any]], headers: tuple[str, ...]) -> Table:
     table = Table(header_style="bold")
     for h in headers:
         table.add_column(h)

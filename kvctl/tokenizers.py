@@ -7,6 +7,7 @@ importing this module must stay cheap for `kvctl --help`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -132,13 +133,18 @@ def _load_gguf(path: Path) -> Any:
 
 
 def load_tokenizer(spec: str | None = None) -> Any:
+    """Resolve ``spec`` to a transformers tokenizer, offline (memoized per process)."""
+    return _load_tokenizer(spec or DEFAULT_TOKENIZER)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(spec: str) -> Any:
     """Resolve ``spec`` to a transformers tokenizer, offline.
 
     ``smollm2`` / ``llama3`` (built-ins), a ``.gguf`` file, a ``tokenizer.json`` file, a
     local directory, or a hub id already in the local HuggingFace cache. ``None`` means
     the default, the tokenizer of the model ``kvctl serve`` runs.
     """
-    spec = spec or DEFAULT_TOKENIZER
     if spec == "llama3":
         return load_llama3()
     if spec == "smollm2":

@@ -97,3 +97,37 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ------------------------------------------------------------------- CLI fixtures ----
+# The CLI's tests drive `kvctl` through Typer's CliRunner against the real controller app,
+# in-process: kvctl.client's http factory hands every ControllerClient a Starlette
+# TestClient (an httpx.Client running the ASGI app, lifespan included).
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch) -> Path:
+    """No user settings leak in: empty env, a config file path under tmp_path."""
+    for var in ("KVCTL_CONTROLLER", "KVCTL_TIMEOUT", "KVCTL_TOKENIZER", "KVCTL_INSTANCE_ID",
+                "KVCTL_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = tmp_path / "kvctl-config.yaml"
+    monkeypatch.setenv("KVCTL_CONFIG", str(cfg))
+    return cfg
+
+
+@pytest.fixture
+def cli_server(tmp_path, cli_env):
+    """The controller app without the engine; yields its FastAPI app (app.state.runtime)."""
+    from starlette.testclient import TestClient
+
+    from kvctl import client as kvclient
+    from kvctl.server.app import create_app
+    from kvctl.server.config import ServerSettings
+
+    app = create_app(ServerSettings(model="none", local_disk=str(tmp_path / "disk"),
+                                    max_local_disk_size=1))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        kvclient.set_http_factory(lambda url, timeout: http)
+        try:
+            yield app
+        finally:
+            kvclient.set_http_factory(None)
