@@ -1,0 +1,73 @@
+"""The CLI as a program: import weight of --help, completion scripts, console entry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "tokenizers", "uvicorn", "fastapi", "numpy", "numba")
+
+
+def run_kvctl(*args: str, env: dict[str, str] | None = None, **kw):
+    return subprocess.run([sys.executable, "-m", "kvctl", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["compress", "--help"], ["serve", "--help"],
+                                  ["bench", "--help"], ["events", "watch", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    code = ("import json, sys\n"
+            "from kvctl.cli import app\n"
+            f"try:\n    app({argv!r}, prog_name='kvctl')\n"
+            "except SystemExit:\n    pass\n"
+            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})),"
+            " file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+    assert "Usage" in proc.stdout
+
+
+def test_python_m_kvctl_and_version():
+    proc = run_kvctl("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("kvctl ")
+
+
+def test_usage_error_exit_2_without_traceback():
+    proc = run_kvctl("compress", "--no-such-flag")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_committed_completions_are_current(tmp_path):
+    gen = [sys.executable, str(ROOT / "scripts" / "gen_completions.py")]
+    subprocess.run([*gen, "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in ("kvctl.bash", "_kvctl", "kvctl.fish"):
+        assert (ROOT / "completions" / name).read_text() == (tmp_path / name).read_text(), (
+            f"completions/{name} is stale: run `make completions`")
+    proc = subprocess.run([*gen, "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bash_completion_answers(tmp_path):
+    env = {"_KVCTL_COMPLETE": "complete_bash", "COMP_WORDS": "kvctl ev", "COMP_CWORD": "1"}
+    proc = run_kvctl(env=env)
+    assert proc.returncode == 0 and "events" in proc.stdout.split()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_install_completion_bash(tmp_path):
+    # bash as the parent process is how the shell is detected, as for a user at a prompt
+    env = {**os.environ, "HOME": str(tmp_path)}
+    line = f'"{sys.executable}" -m kvctl --install-completion; exit $?'  # no exec: bash stays
+    proc = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    script = tmp_path / ".bash_completions" / "kvctl.sh"
+    assert "_KVCTL_COMPLETE=complete_bash" in script.read_text()
+    assert str(script) in (tmp_path / ".bashrc").read_text()
