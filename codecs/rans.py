@@ -111,7 +111,7 @@ def _choose(sym, center, logvar, offsets):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _symbolize(q, alphabet, center, logvar, offsets):  # pragma: no cover - compiled
+def _symbolize(q, offset, alphabet, center, logvar, offsets):  # pragma: no cover
     """int8 symbols -> (uint8 symbols clamped to the alphabet, table per context, flat
     indices of the clamped ones). One pass does what would otherwise take three.
 
@@ -133,7 +133,7 @@ def _symbolize(q, alphabet, center, logvar, offsets):  # pragma: no cover - comp
             out = sym[g, t]
             bad = 0
             for c in range(c_n):
-                v = np.int64(row[c])
+                v = np.int64(row[c]) + offset
                 bad |= (v < 0) | (v > top)
                 v = min(max(v, 0), top)
                 out[c] = v
@@ -142,7 +142,8 @@ def _symbolize(q, alphabet, center, logvar, offsets):  # pragma: no cover - comp
             if bad:
                 base = (g * t_n + t) * c_n
                 for c in range(c_n):
-                    if row[c] < 0 or row[c] > top:
+                    v = np.int64(row[c]) + offset
+                    if v < 0 or v > top:
                         if n_exc == exc.shape[0]:
                             bigger = np.empty(2 * n_exc, dtype=np.int64)
                             bigger[:n_exc] = exc
@@ -157,6 +158,19 @@ def _symbolize(q, alphabet, center, logvar, offsets):  # pragma: no cover - comp
                 ctx[g, c] = _pick(m - center, s2[g, c] / t_n - m * m + (m - center) ** 2,
                                   logvar, offsets)
     return sym, ctx, exc[:n_exc].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _tables_from_moments(s1, s2, t_n, center, logvar, offsets):  # pragma: no cover
+    g_n, c_n = s1.shape
+    ctx = np.zeros((g_n, c_n), dtype=np.uint8)
+    if t_n:
+        for g in range(g_n):
+            for c in range(c_n):
+                m = s1[g, c] / t_n
+                ctx[g, c] = _pick(m - center, s2[g, c] / t_n - m * m + (m - center) ** 2,
+                                  logvar, offsets)
+    return ctx
 
 
 @numba.njit(cache=True, nogil=True)
@@ -349,11 +363,17 @@ class Bank:
         return _choose(np.ascontiguousarray(sym), float(self.center), self.logvar,
                        self.offsets)
 
-    def symbolize(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """int8 ``[G, T, C]`` -> (uint8 symbols, tables ``[G, C]``, flat indices of the
-        entries that fell outside the alphabet and were clamped)."""
-        return _symbolize(np.ascontiguousarray(q), self.alphabet, float(self.center),
-                          self.logvar, self.offsets)
+    def symbolize(self, q: np.ndarray, offset: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int8 ``[G, T, C]`` plus ``offset`` -> (uint8 symbols, tables ``[G, C]``, flat
+        indices of the entries that fell outside the alphabet and were clamped)."""
+        return _symbolize(np.ascontiguousarray(q), offset, self.alphabet,
+                          float(self.center), self.logvar, self.offsets)
+
+    def tables_from_moments(self, s1: np.ndarray, s2: np.ndarray, count: int) -> np.ndarray:
+        """Table per context from sums of symbols and of their squares over ``count``."""
+        return _tables_from_moments(s1, s2, count, float(self.center), self.logvar,
+                                    self.offsets)
 
     def encode(self, sym: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         if sym.size and int(sym.max()) >= self.alphabet:

@@ -74,13 +74,16 @@ def bench(
     if as_json:
         typer.echo(report.to_json())
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    # a light box and unwrapped cells: the eight columns fit an 80-column terminal
     table = Table(title=f"KV codecs on {Path(report.source).name}: {report.shape} "
-                        f"in {report.chunk_size}-token chunks")
+                        f"in {report.chunk_size}-token chunks", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
     for i, h in enumerate(b.SHORT_HEADERS):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in b.table_rows(report):
         table.add_row(*row)
     console = Console()
