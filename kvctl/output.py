@@ -81,23 +81,32 @@ def status_text(status: str | None) -> Text:
 
 
 def events_table(events: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
-    table = Table(title=title, header_style="bold")
-    # Ids are long: they fold onto two lines on a narrow terminal, numbers never wrap.
-    table.add_column("event", overflow="fold", min_width=12)
-    for col, justify in (("op", "left"), ("state", "left"), ("chunks", "right"),
-                         ("tokens", "right"), ("before", "right"), ("after", "right"),
-                         ("ratio", "right"), ("elapsed", "right")):
+    """One row per event; fits 80 columns with full ids folded, wider terminals unfolded."""
+    from rich import box
+
+    events = list(events)
+    # kvctl's ids start with the op ("compress-…"): an op column would only repeat them
+    show_op = any(not str(ev.get("event_id", "")).startswith(f"{ev.get('op')}-")
+                  for ev in events)
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("event", overflow="fold", min_width=16)
+    cols = (("op", "left"),) if show_op else ()
+    cols += (("state", "left"), ("chunks", "right"), ("before", "right"), ("after", "right"),
+             ("ratio", "right"), ("elapsed", "right"))
+    for col, justify in cols:
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     now = time.time()
     for ev in events:
         total = ev.get("chunks_total")
         chunks = "-" if total is None else f"{ev.get('chunks_done', 0)}/{total}"
-        table.add_row(
-            Text(str(ev.get("event_id", "?"))), Text(str(ev.get("op", "-"))),
-            status_text(ev.get("status")), chunks, str(ev.get("num_tokens", "-")),
-            fmt_bytes(ev.get("bytes_before")) if "bytes_before" in ev else "-",
-            fmt_bytes(ev.get("bytes_after")) if "bytes_after" in ev else "-",
-            fmt_ratio(ev), elapsed(ev, now))
+        row: list[Any] = [Text(str(ev.get("event_id", "?")))]
+        if show_op:
+            row.append(Text(str(ev.get("op", "-"))))
+        row += [status_text(ev.get("status")), chunks,
+                fmt_bytes(ev.get("bytes_before")) if "bytes_before" in ev else "-",
+                fmt_bytes(ev.get("bytes_after")) if "bytes_after" in ev else "-",
+                fmt_ratio(ev), elapsed(ev, now)]
+        table.add_row(*row)
     return table
 
 
