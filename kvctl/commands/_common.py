@@ -114,9 +114,11 @@ def wait_for(client: ControllerClient, reply: dict[str, Any], progress: bool = T
     )
 
     event_id = str(reply["event_id"])
+    console = output.err()
+    # no terminal, no bar: a redirected stderr would only collect blank lines
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("chunks"), TimeElapsedColumn(), console=output.err(),
-                   transient=True, disable=not progress)
+                   TextColumn("chunks"), TimeElapsedColumn(), console=console,
+                   transient=True, disable=not (progress and console.is_terminal))
     try:
         with bar:
             task = bar.add_task(output.escape(f"{event_id} queued"), total=None)
@@ -160,7 +162,8 @@ def finish_op(client: ControllerClient, reply: dict[str, Any], wait: bool, as_js
         return
     output.out().print(f"{output.escape(what)}: event [bold]{output.escape(str(reply['event_id']))}"
                        f"[/] ({reply.get('num_tokens', '?')} tokens)", soft_wrap=True)
-    output.note(f"follow it with: kvctl events watch {reply['event_id']}")
+    if reply.get("num_tokens"):
+        output.note(f"follow it with: kvctl events watch {reply['event_id']}")
 
 
 def settings(controller: str | None = None, timeout: float | None = None,
