@@ -16,8 +16,8 @@ from kvctl.settings import Settings, resolve
 POLL_SECONDS = 0.2
 
 
-def connect(controller: str | None, timeout: float | None) -> ControllerClient:
-    return ControllerClient.from_settings(resolve(controller, timeout))
+def connect(s: Settings) -> ControllerClient:
+    return ControllerClient.from_settings(s)
 
 
 def parse_token_ids(text: str, source: str = "--tokens") -> list[int]:
@@ -164,8 +164,3 @@ def finish_op(client: ControllerClient, reply: dict[str, Any], wait: bool, as_js
                        f"[/] ({reply.get('num_tokens', '?')} tokens)", soft_wrap=True)
     if reply.get("num_tokens"):
         output.note(f"follow it with: kvctl events watch {reply['event_id']}")
-
-
-def settings(controller: str | None = None, timeout: float | None = None,
-             instance_id: str | None = None) -> Settings:
-    return resolve(controller, timeout, instance_id=instance_id)

@@ -42,7 +42,7 @@ def _transcode(op: str, prompt: str | None, tokens: str | None, tokens_file: Any
                ) -> None:
     ids = token_input(prompt, tokens, tokens_file, tokenizer)
     s = resolve(controller, timeout, instance_id=instance_id)
-    with connect(controller, timeout) as client:
+    with connect(s) as client:
         call = client.compress if op == "compress" else client.decompress
         reply = call(s.instance_id, method, location, ids)
         _explain_coverage(reply, ids, location)
@@ -96,7 +96,7 @@ def lookup(
 ) -> None:
     """Show where the longest stored prefix of a prompt's KV lives."""
     ids = token_input(prompt, tokens, tokens_file, tokenizer)
-    with connect(controller, timeout) as client:
+    with connect(resolve(controller, timeout)) as client:
         reply = client.lookup(ids)
     if as_json:
         output.print_json(reply)
@@ -125,7 +125,7 @@ def clear(
             f"Remove every chunk of {s.instance_id} in {location} at {s.controller}?",
             err=True):
         raise typer.Exit(1)
-    with connect(controller, timeout) as client:
+    with connect(s) as client:
         reply = client.clear(s.instance_id, location)
         finish_op(client, reply, wait, as_json, f"clear of {location} scheduled")
 
@@ -135,7 +135,7 @@ def _pin(unpin: bool, prompt: str | None, tokens: str | None, tokens_file: Any,
          as_json: bool, controller: str | None, timeout: float | None) -> None:
     ids = token_input(prompt, tokens, tokens_file, tokenizer)
     s = resolve(controller, timeout, instance_id=instance_id)
-    with connect(controller, timeout) as client:
+    with connect(s) as client:
         call = client.unpin if unpin else client.pin
         reply = call(s.instance_id, location, ids)
         _explain_coverage(reply, ids, location)
@@ -205,7 +205,7 @@ def move(
     dest_instance = to_instance or s.instance_id
     if (s.instance_id, source) == (dest_instance, to):
         raise UsageError(f"source and destination are both {s.instance_id}/{to}")
-    with connect(controller, timeout) as client:
+    with connect(s) as client:
         reply = client.move((s.instance_id, source), (dest_instance, to), ids, copy)
         _explain_coverage(reply, ids, source)
         finish_op(client, reply, wait, as_json,

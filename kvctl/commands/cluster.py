@@ -22,7 +22,7 @@ def health(
 ) -> None:
     """Error code of each worker of an instance (0 = healthy); exit 1 if any is not."""
     s = resolve(controller, timeout, instance_id=instance_id)
-    with connect(controller, timeout) as client:
+    with connect(s) as client:
         reply = client.health(s.instance_id)
     codes = reply.get("error_codes") or {}
     if as_json:
@@ -47,7 +47,7 @@ def workers(
 ) -> None:
     """Workers of an instance and what each stores per location."""
     s = resolve(controller, timeout, instance_id=instance_id)
-    with connect(controller, timeout) as client:
+    with connect(s) as client:
         reply = client.query_worker_info(s.instance_id, worker_id)
     if as_json:
         output.print_json(reply)
@@ -81,7 +81,7 @@ def codecs(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Compression methods the controller accepts."""
-    with connect(controller, timeout) as client:
+    with connect(resolve(controller, timeout)) as client:
         reply = client.codecs()
     if as_json:
         output.print_json(reply)

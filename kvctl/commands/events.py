@@ -12,6 +12,7 @@ from kvctl.client import ENDED, ControllerClient, UntrackedEvents
 from kvctl.commands._common import POLL_SECONDS, connect
 from kvctl.errors import EXIT_INTERRUPTED, KvctlError, UsageError
 from kvctl.options import ControllerOpt, JsonOpt, TimeoutOpt
+from kvctl.settings import resolve
 
 app = typer.Typer(help="Follow compress/decompress/move/... events on the controller.",
                   no_args_is_help=True)
@@ -35,7 +36,7 @@ def watch(
     event_ids: Annotated[list[str] | None, typer.Argument(
         metavar="[ID]...", show_default=False, help="Events to follow.")] = None,
     watch_all: Annotated[bool, typer.Option(
-        "--all", "-a", help="Also follow every event that has not ended yet.")] = False,
+        "--all", "-a", help="Also follow every event queued or running now.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Draw the table on stderr; print the ended events as JSON.")] = False,
     controller: ControllerOpt = None,
@@ -47,7 +48,7 @@ def watch(
     ids = list(dict.fromkeys(event_ids or []))
     if not ids and not watch_all:
         raise UsageError("name the events to watch (kvctl events watch ID ...) or pass --all")
-    with connect(controller, timeout) as client:
+    with connect(resolve(controller, timeout)) as client:
         try:
             events = _initial(client, ids, watch_all)
         except UntrackedEvents as exc:
@@ -95,7 +96,7 @@ def list_events(
     """List recent events, oldest first."""
     if status is not None and status not in STATUSES:
         raise UsageError(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
-    with connect(controller, timeout) as client:
+    with connect(resolve(controller, timeout)) as client:
         events = client.events(status, limit)
     if as_json:
         output.print_json(events)
@@ -114,7 +115,7 @@ def show(
     timeout: TimeoutOpt = None,
 ) -> None:
     """Show one event: state, chunk progress, bytes before and after, error, timestamps."""
-    with connect(controller, timeout) as client:
+    with connect(resolve(controller, timeout)) as client:
         ev = client.event(event_id)
     if as_json:
         output.print_json(ev)
