@@ -29,17 +29,27 @@ def ratio_table(step_res: int) -> np.ndarray:
 
 
 @numba.njit(inline="always")
-def _row(row, out, prev, wr, lo, hi, r, cen, top, r1, r2):  # pragma: no cover - compiled
-    """One head of one token: residuals, clamped, chained; returns how many were off."""
+def _pred(w, prev, r):  # pragma: no cover - compiled
+    """floor(w * prev * r / 2**16), in float64 where every step is exact (the product is
+    below 2**27): identical on any IEEE machine, and it vectorises, which numba's int64
+    promotion of int32 products does not on AVX2."""
+    return np.int32(np.floor((w * np.float64(prev) * r + 32768.0) * (1.0 / 65536.0)))
+
+
+@numba.njit(inline="always")
+def _row(row, out, prev, wr, lo, hi, r, cen, top, raw):  # pragma: no cover - compiled
+    """One head of one token: residuals, clamped, chained; returns how many were off.
+    Two simple loops rather than one: LLVM vectorises each, not the fused one."""
+    for j in range(lo, hi):
+        raw[j] = np.int32(row[j]) - _pred(wr[j], prev[j], r) + cen
     nbad = np.int32(0)
     for j in range(lo, hi):
+        s = raw[j]
         v = np.int32(row[j])
-        pred = (wr[j] * prev[j] * r + np.int32(32768)) >> 16
-        s = v - pred + cen
         sc = min(max(s, np.int32(0)), top)
         nbad += np.int32((s != sc) | (v == 127) | (v == -128))
         out[j] = sc
-        prev[j] = min(max(pred + sc - cen, np.int32(-128)), np.int32(127))
+        prev[j] = min(max(v - s + sc, np.int32(-128)), np.int32(127))
     return nbad
 
 
@@ -61,8 +71,9 @@ def symbolize(q, code, rho, head_dim, alphabet, center, rt):  # pragma: no cover
     s2 = np.zeros((g_n, c_n), dtype=np.int32)
     prev = np.zeros(c_n, dtype=np.int32)
     before = np.zeros(c_n, dtype=np.int32)
-    wr = np.zeros(c_n, dtype=np.int32)
-    rs = np.zeros(h_n, dtype=np.int32)
+    raw = np.zeros(c_n, dtype=np.int32)
+    wr = np.zeros(c_n, dtype=np.float64)
+    rs = np.zeros(h_n, dtype=np.float64)
     top = np.int32(alphabet - 1)
     cen = np.int32(center)
     for g in range(g_n):
@@ -84,7 +95,7 @@ def symbolize(q, code, rho, head_dim, alphabet, center, rt):  # pragma: no cover
             nbad = np.int32(0)
             for h in range(h_n):
                 nbad += _row(row, out, prev, wr, h * head_dim, (h + 1) * head_dim, rs[h], cen,
-                             top, r1, r2)
+                             top, raw)
             # the statistics in a loop of their own: fewer arrays per loop lets LLVM prove
             # they do not overlap and vectorise both
             for j in range(c_n):
@@ -96,7 +107,7 @@ def symbolize(q, code, rho, head_dim, alphabet, center, rt):  # pragma: no cover
                 for h in range(h_n):
                     for j in range(h * head_dim, (h + 1) * head_dim):
                         v = np.int32(row[j])
-                        pred = (wr[j] * before[j] * rs[h] + np.int32(32768)) >> 16
+                        pred = _pred(wr[j], before[j], rs[h])
                         s = v - pred + cen
                         if s < 0 or s > top or v == 127 or v == -128:
                             if n_exc == exc.shape[0]:
@@ -115,7 +126,7 @@ def unpredict(sym, code, rho, head_dim, center, rt, out):  # pragma: no cover - 
     g_n, t_n, c_n = sym.shape
     h_n = c_n // head_dim
     prev = np.zeros(c_n, dtype=np.int32)
-    wr = np.zeros(c_n, dtype=np.int32)
+    wr = np.zeros(c_n, dtype=np.float64)
     cen = np.int32(center)
     for g in range(g_n):
         prev[:] = 0
@@ -127,11 +138,11 @@ def unpredict(sym, code, rho, head_dim, center, rt, out):  # pragma: no cover - 
                 if t > 0:
                     d = np.int64(code[g, t - 1, h]) - np.int64(code[g, t, h])
                     d = min(max(d, -RATIO_RANGE), RATIO_RANGE)
-                    r = rt[d + RATIO_RANGE]
+                    r = np.float64(rt[d + RATIO_RANGE])
                 else:
-                    r = np.int32(0)
+                    r = 0.0
                 for j in range(h * head_dim, (h + 1) * head_dim):
-                    pred = (wr[j] * prev[j] * r + np.int32(32768)) >> 16
+                    pred = _pred(wr[j], prev[j], r)
                     v = pred + np.int32(row[j]) - cen
                     prev[j] = min(max(v, np.int32(-128)), np.int32(127))
                     dst[j] = v

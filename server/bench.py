@@ -265,9 +265,8 @@ def table_rows(report: BenchReport) -> list[list[str]]:
 
 HEADERS = ["codec", "bits/elem", "ratio vs fp16", "encode MB/s", "decode MB/s",
            "rel. error", "top-1 agree", "ppl change"]
-# the same columns, narrow enough for an 80-column terminal
-SHORT_HEADERS = ["codec", "bits/el", "ratio", "enc MB/s", "dec MB/s", "rel err", "top-1",
-                 "ppl Δ"]
+# the same columns, narrow enough for an 80-column terminal (enc/dec in MB/s)
+SHORT_HEADERS = ["codec", "b/el", "ratio", "enc", "dec", "rel err", "top-1", "ppl Δ"]
 
 
 def markdown(report: BenchReport, command: str = "kvctl bench") -> str:
