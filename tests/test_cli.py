@@ -339,3 +339,19 @@ def test_unexpected_exception_is_one_line_unless_debug(stub, monkeypatch):
     monkeypatch.setenv("KVCTL_DEBUG", "1")
     r = kvctl("codecs")
     assert isinstance(r.exception, RuntimeError)
+
+
+def test_instance_id_from_the_settings_file(cli_server, cli_env):
+    cli_env.write_text("instance_id: from-file\n")
+    r = kvctl("compress", "--tokens", "1,2")
+    assert r.exit_code == 1 and "unknown instance_id 'from-file'" in r.stderr
+    r = kvctl("compress", "--tokens", "1,2", "--instance-id", INSTANCE, "--json")
+    assert r.exit_code == 0
+
+
+def test_tokenizer_from_env_is_used_for_prompts(cli_server, monkeypatch):
+    store(cli_server, SEED_IDS)
+    monkeypatch.setenv("KVCTL_TOKENIZER", "llama3")
+    r = kvctl("compress", "Explain the significance of KV cache in language models.", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["num_tokens"] == 12
