@@ -304,11 +304,12 @@ def plot(report: BenchReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in report.results:
+    for i, r in enumerate(report.results):
         y = 100 * r.top1 if r.top1 is not None else 100 * (1 - r.rel_error)
         ax.scatter(r.ratio, y, s=40)
-        ax.annotate(r.method, (r.ratio, y), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        # alternate label sides so neighbours (int8/fp8) stay readable
+        ax.annotate(r.method, (r.ratio, y), textcoords="offset points",
+                    xytext=(5, 4) if i % 2 == 0 else (5, -11), fontsize=8)
     ax.set_xlabel("compression ratio vs fp16 (every blob byte counted)")
     has_top1 = any(r.top1 is not None for r in report.results)
     ax.set_ylabel("top-1 next-token agreement (%)" if has_top1 else "100 x (1 - rel. error)")
