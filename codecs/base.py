@@ -9,6 +9,7 @@ from kvctl.codecs import blob as _blob
 from kvctl.codecs.errors import (
     CorruptBlobError,
     InvalidInputError,
+    InvalidParamsError,
     NonFiniteInputError,
     UnknownCodecError,
     WrongCodecError,
@@ -105,6 +106,13 @@ class BaseCodec:
                        device: str | torch.device) -> torch.Tensor:
         import torch
 
+        # a bad device is the caller's mistake, not a corrupt blob: say so before decoding
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidParamsError(f"invalid device {device!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidParamsError("device 'cuda' requested but CUDA is not available")
         dtype = torch_dtype(info.dtype)
         if info.num_elements == 0:
             if len(payload):

@@ -229,6 +229,14 @@ def test_well_formed_but_inconsistent_payloads_raise():
             decode_blob(blob)
 
 
+def test_bad_devices_are_the_callers_error(blobs):
+    with pytest.raises(InvalidParamsError):
+        decode_blob(blobs["cachegen"], device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidParamsError):
+            decode_blob(blobs["cachegen"], device="cuda")
+
+
 def test_header_fields_are_validated():
     def raw_blob(shape, dtype="float16"):
         return pack("raw", {}, shape, dtype, b"")

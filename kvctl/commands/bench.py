@@ -18,15 +18,15 @@ def _fail(msg: str, code: int) -> None:
 def bench(
     text: Annotated[Path | None, typer.Option(
         "--text", dir_okay=False,
-        help="Held-out prose the embedded model reads. [default: benchmarks/heldout.txt]")
+        help="Held-out prose the embedded model reads (default: benchmarks/heldout.txt).")
     ] = None,
     kv: Annotated[Path | None, typer.Option(
         "--kv", dir_okay=False,
-        help="A saved KV (safetensors, one [layers, 2, tokens, kv_heads, head_dim] tensor) "
-             "instead of --text; size, speed and error only (no model fidelity).")] = None,
+        help="A saved KV (safetensors; one tensor of layers x 2 x tokens x kv_heads x "
+             "head_dim) instead of --text: size, speed and error only, no model fidelity.")] = None,
     codec: Annotated[list[str] | None, typer.Option(
         "--codec", help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, "
-                        "int8, kivi-2, kivi-4, fp8. [default: all]")] = None,
+                        "int8, kivi-2, kivi-4, fp8 (default: all of them).")] = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose KV is compressed.")] = 512,
     continuation: Annotated[int, typer.Option(
         help="Tokens the model then reads through the decoded KV.")] = 256,
