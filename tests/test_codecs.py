@@ -107,6 +107,15 @@ def test_tiny_token_counts(method, tokens):
         assert rel_error(out, kv) <= REL_ERROR[method] + 1e-6
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(0, 2, 5, 3, 4), (2, 2, 5, 0, 4), (2, 2, 5, 3, 0),
+                                   (1, 2, 3, 1, 1), (1, 2, 1, 1, 3)])
+def test_degenerate_shapes(method, shape):
+    kv = make_kv(shape)
+    out = decode_blob(codec_for_method(method).encode(kv))
+    assert out.shape == kv.shape and out.dtype == kv.dtype
+
+
 def test_cachegen_levels_trade_size_for_error():
     kv = make_kv((6, 2, 256, 3, 64), seed=3)
     default, compact = get_codec("cachegen"), get_codec("cachegen", level="compact")
