@@ -83,6 +83,12 @@ class EventTable:
             ev.bytes_before += before
             ev.bytes_after += after
 
+    def record(self, ev: Event, **fields: Any) -> None:
+        """Set event fields under the table's lock (readers never see half an update)."""
+        with self._lock:
+            for k, v in fields.items():
+                setattr(ev, k, v)
+
     def finish(self, ev: Event, error: str | None = None) -> None:
         with self._lock:
             if ev.started_at is None:

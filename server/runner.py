@@ -105,7 +105,9 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
 
     servers = []
     for name, app, sock in plan:
-        config = uvicorn.Config(app, log_level="info", access_log=access_log,
+        # uvicorn's own start/stop lines repeat once per server; ours name each URL once.
+        config = uvicorn.Config(app, log_level="info" if access_log else "warning",
+                                access_log=access_log,
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         # One process-wide handler stops every server; uvicorn's own would stop only one.
@@ -126,6 +128,7 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
         for name, _, sock in servers:
             host, port = sock.getsockname()[:2]
             print(f"kvctl {name:<10} http://{host}:{port}", file=sys.stderr, flush=True)
+        print("kvctl serve: press Ctrl-C to stop", file=sys.stderr, flush=True)
         await asyncio.gather(*(srv.serve(sockets=[sock]) for _, srv, sock in servers))
 
     try:

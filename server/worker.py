@@ -216,9 +216,9 @@ class WorkerRuntime:
             self.events.start(ev)
             try:
                 stats = backend.stats()
-                ev.num_tokens = backend.clear()
-                ev.chunks_total = ev.chunks_done = stats.chunks
-                ev.bytes_before = stats.bytes
+                tokens = backend.clear()
+                self.events.record(ev, num_tokens=tokens, chunks_total=stats.chunks,
+                                   chunks_done=stats.chunks, bytes_before=stats.bytes)
             except StorageError as exc:
                 self.events.finish(ev, error=str(exc))
             else:
