@@ -7,6 +7,7 @@ that need them, so `kvctl --help` stays instant.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +20,20 @@ from kvctl.commands.bench import bench
 from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, KvctlError
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by a test runner: nothing to redirect
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _debug() -> bool:
@@ -42,6 +57,10 @@ class KvctlGroup(TyperGroup):
                 raise
             output.error(exc.message)
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            # `kvctl ... | head` closed our stdout: stop quietly, as `git log | head` does.
+            _silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt:
             if _debug():
                 raise
@@ -109,4 +128,8 @@ def config_path() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="kvctl")
+    try:
+        app(prog_name="kvctl")
+    except BrokenPipeError:  # the root's own help, printed before any command runs
+        _silence_stdout()
+        sys.exit(EXIT_BROKEN_PIPE)
