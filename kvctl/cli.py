@@ -21,7 +21,6 @@ from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, KvctlError
 
-
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 

@@ -18,8 +18,8 @@ def test_closed_stdout_is_quiet(args):
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write to stdout now fails with EPIPE
     try:
-        r = subprocess.run([sys.executable, "-m", "kvctl", *args], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                           timeout=60)
+        r = subprocess.run([sys.executable, "-m", "kvctl", *args], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)
     assert r.returncode != 0
