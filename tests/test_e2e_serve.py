@@ -149,3 +149,46 @@ def test_sigint_stops_cleanly(tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert "Traceback" not in proc.stderr.read()
+
+
+def kvctl(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvctl", *args, "--controller", stack.controller],
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items()
+                               if not k.startswith("KVCTL_")})
+
+
+def test_cli_flow_against_real_serve(stack: Stack):
+    import json
+
+    prompt = "Write a haiku about a lighthouse keeper who collects old maps."
+    r = httpx.post(f"{stack.engine}/v1/completions",
+                   json={"prompt": prompt, "max_tokens": 4, "temperature": 0}, timeout=120)
+    assert r.status_code == 200
+    count = r.json()["usage"]["prompt_tokens"]
+
+    r = kvctl(stack, "compress", "--json", prompt)
+    assert r.returncode == 0, r.stderr
+    scheduled = json.loads(r.stdout)
+    assert scheduled["num_tokens"] == count
+
+    r = kvctl(stack, "events", "watch", scheduled["event_id"])
+    assert r.returncode == 0, r.stderr
+    assert "finished" in r.stdout + r.stderr
+
+    r = kvctl(stack, "decompress", "--wait", "--json", prompt)
+    assert r.returncode == 0, r.stderr
+    event = json.loads(r.stdout)
+    assert event["status"] == "finished" and event["num_tokens"] == count
+    assert event["bytes_after"] > event["bytes_before"] > 0
+
+
+def test_cli_errors_against_real_serve(stack: Stack):
+    r = kvctl(stack, "compress", "--method", "zstd", "--tokens", "1,2,3")
+    assert r.returncode == 1
+    assert "unknown method 'zstd'" in r.stderr and "cachegen" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvctl", "events", "list", "--controller",
+                        f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "kvctl serve" in r.stderr and "Traceback" not in r.stderr
