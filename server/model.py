@@ -174,6 +174,8 @@ def load_model(spec: str = "smollm2", device: str = "cpu") -> LoadedModel:
         source = str(cached)
     elif gguf:
         kwargs["gguf_file"] = gguf
+        log.info("converting %s once (about 15 s); later loads use the cache in %s",
+                 gguf, gguf_cache_dir(Path(source) / gguf))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
