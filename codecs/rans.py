@@ -197,33 +197,40 @@ def _pick(m, m2, logvar, offsets):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _enc_step(xs, f, inv_f, c, buf, p):  # pragma: no cover - compiled
-    """Push one symbol (frequency f, cumulative c) into state xs; returns (xs, p).
+def _enc_step(xs, e, inv_f, buf, p):  # pragma: no cover - compiled
+    """Push one symbol (packed entry ``e`` = freq | cum << 16) into state xs; returns
+    (xs, p).
 
     Branch-free renormalisation: the low word is always written and the write position
     moves only when the state had to shrink (whether it does is a coin flip for the
-    branch predictor). x // f goes through a float reciprocal, exact or one short.
+    branch predictor). x // f goes through a float reciprocal, exact or one short; the
+    correction is a select too, as it is taken often enough to cost mispredictions.
     """
+    f = e & 0xFFFF
     cond = np.int64(xs >= (f << 20))  # ((L >> PROB_BITS) << 16) * f, L = 2**16
     buf[p - 1] = xs & 0xFFFF
     p -= cond
     xs >>= cond << 4
     qt = np.int64(np.float64(xs) * inv_f)
     r = xs - qt * f
-    if r >= f:
-        qt += 1
-        r -= f
-    return (qt << 12) + r + c, p
+    adj = np.int64(r >= f)
+    qt += adj
+    r -= adj * f
+    return (qt << 12) + r + (e >> 16), p
 
 
 @numba.njit(cache=True, nogil=True)
-def _encode(sym, ctx, freq, cum, inv):  # pragma: no cover - compiled
+def _encode(sym, ctx, fc, inv, alphabet):  # pragma: no cover - compiled
+    """``fc`` and ``inv`` are the bank's tables flattened to ``[table * alphabet + symbol]``,
+    freq and cum packed in one word: one load and one index per symbol instead of three
+    two-dimensional lookups, which the loop is bound by."""
     g_n, t_n, c_n = sym.shape
     n = g_n * t_n * c_n
     buf = np.empty(n + 2 * 4 + 8, dtype=np.uint16)
-    p = buf.shape[0]
+    p = np.int64(buf.shape[0])
     # states < 2**32 live in int64: signed integers convert to float natively
     x = np.full(4, 1 << 16, dtype=np.int64)
+    kb = np.empty(c_n, dtype=np.int64)
     if c_n % 4 == 0:
         # symbol (g, t, c) belongs to state c % 4: four independent chains per iteration
         x0 = x[0]
@@ -231,41 +238,33 @@ def _encode(sym, ctx, freq, cum, inv):  # pragma: no cover - compiled
         x2 = x[2]
         x3 = x[3]
         for g in range(g_n - 1, -1, -1):
-            kr = ctx[g]
+            for c in range(c_n):
+                kb[c] = np.int64(ctx[g, c]) * alphabet
             for t in range(t_n - 1, -1, -1):
                 row = sym[g, t]
-                for c in range(c_n - 4, -1, -4):
-                    k = kr[c + 3]
-                    s = row[c + 3]
-                    x3, p = _enc_step(x3, np.int64(freq[k, s]), inv[k, s],
-                                      np.int64(cum[k, s]), buf, p)
-                    k = kr[c + 2]
-                    s = row[c + 2]
-                    x2, p = _enc_step(x2, np.int64(freq[k, s]), inv[k, s],
-                                      np.int64(cum[k, s]), buf, p)
-                    k = kr[c + 1]
-                    s = row[c + 1]
-                    x1, p = _enc_step(x1, np.int64(freq[k, s]), inv[k, s],
-                                      np.int64(cum[k, s]), buf, p)
-                    k = kr[c]
-                    s = row[c]
-                    x0, p = _enc_step(x0, np.int64(freq[k, s]), inv[k, s],
-                                      np.int64(cum[k, s]), buf, p)
+                for c4 in range(c_n // 4 - 1, -1, -1):
+                    c = c4 * 4
+                    i = kb[c + 3] + row[c + 3]
+                    x3, p = _enc_step(x3, fc[i], inv[i], buf, p)
+                    i = kb[c + 2] + row[c + 2]
+                    x2, p = _enc_step(x2, fc[i], inv[i], buf, p)
+                    i = kb[c + 1] + row[c + 1]
+                    x1, p = _enc_step(x1, fc[i], inv[i], buf, p)
+                    i = kb[c] + row[c]
+                    x0, p = _enc_step(x0, fc[i], inv[i], buf, p)
         x[0] = x0
         x[1] = x1
         x[2] = x2
         x[3] = x3
     else:
-        i = n
+        j = n
         for g in range(g_n - 1, -1, -1):
             for t in range(t_n - 1, -1, -1):
                 for c in range(c_n - 1, -1, -1):
-                    i -= 1
-                    lane = i & 3
-                    k = ctx[g, c]
-                    s = sym[g, t, c]
-                    x[lane], p = _enc_step(x[lane], np.int64(freq[k, s]), inv[k, s],
-                                           np.int64(cum[k, s]), buf, p)
+                    j -= 1
+                    lane = j & 3
+                    i = np.int64(ctx[g, c]) * alphabet + sym[g, t, c]
+                    x[lane], p = _enc_step(x[lane], fc[i], inv[i], buf, p)
     for lane in range(3, -1, -1):
         p -= 1
         buf[p] = x[lane] >> 16
@@ -354,7 +353,9 @@ class Bank:
         self.alphabet = alphabet
         self.center = center
         self.freq, self.cum, self.lut, self.logvar = make_bank(alphabet, center)
-        self.inv = 1.0 / self.freq.astype(np.float64)
+        # the encoder's flat tables (see _encode); freq < 2**13 and cum < 2**12
+        self.fc = (self.freq.astype(np.int64) | (self.cum.astype(np.int64) << 16)).ravel()
+        self.inv = (1.0 / self.freq.astype(np.float64)).ravel()
         self.offsets = np.array(OFFSETS, dtype=np.float64)
         self.ntables = len(self.freq)
 
@@ -378,7 +379,8 @@ class Bank:
     def encode(self, sym: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         if sym.size and int(sym.max()) >= self.alphabet:
             raise ValueError("symbol outside the alphabet")
-        return _encode(np.ascontiguousarray(sym), ctx, self.freq, self.cum, self.inv)
+        return _encode(np.ascontiguousarray(sym), np.ascontiguousarray(ctx), self.fc, self.inv,
+                       self.alphabet)
 
     def decode(self, words: np.ndarray, shape: tuple[int, int, int], ctx: np.ndarray
                ) -> np.ndarray:
