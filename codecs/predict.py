@@ -29,28 +29,25 @@ def ratio_table(step_res: int) -> np.ndarray:
 
 
 @numba.njit(inline="always")
-def _pred(w, prev, r):  # pragma: no cover - compiled
-    """floor(w * prev * r / 2**16), in float64 where every step is exact (the product is
-    below 2**27): identical on any IEEE machine, and it vectorises, which numba's int64
-    promotion of int32 products does not on AVX2."""
-    return np.int32(np.floor((w * np.float64(prev) * r + 32768.0) * (1.0 / 65536.0)))
+def _weights(code, rt, w, g, t, head_dim, m):  # pragma: no cover - compiled
+    """Token t's multiplier per channel, rho * step ratio (below 2**20), into ``m``."""
+    for h in range(m.shape[0] // head_dim):
+        if t > 0:
+            d = np.int64(code[g, t - 1, h]) - np.int64(code[g, t, h])
+            d = min(max(d, -RATIO_RANGE), RATIO_RANGE)
+            r = rt[d + RATIO_RANGE]
+        else:
+            r = np.int32(0)
+        for j in range(h * head_dim, (h + 1) * head_dim):
+            m[j] = np.int32(w[j] * r)
 
 
 @numba.njit(inline="always")
-def _row(row, out, prev, wr, lo, hi, r, cen, top, raw):  # pragma: no cover - compiled
-    """One head of one token: residuals, clamped, chained; returns how many were off.
-    Two simple loops rather than one: LLVM vectorises each, not the fused one."""
-    for j in range(lo, hi):
-        raw[j] = np.int32(row[j]) - _pred(wr[j], prev[j], r) + cen
-    nbad = np.int32(0)
-    for j in range(lo, hi):
-        s = raw[j]
-        v = np.int32(row[j])
-        sc = min(max(s, np.int32(0)), top)
-        nbad += np.int32((s != sc) | (v == 127) | (v == -128))
-        out[j] = sc
-        prev[j] = min(max(v - s + sc, np.int32(-128)), np.int32(127))
-    return nbad
+def _pred(m, prev):  # pragma: no cover - compiled
+    """floor(rho * prev * ratio / 2**16 + 1/2): the product is below 2**27, so int32 is
+    exact, and int32 lanes are the widest the loops vectorise over (the casts keep numba
+    from promoting to int64, which AVX2 cannot multiply)."""
+    return np.int32(np.int32(m * prev) + np.int32(32768)) >> np.int32(16)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -59,63 +56,54 @@ def symbolize(q, code, rho, head_dim, alphabet, center, rt):  # pragma: no cover
     of their squares, flat indices of entries stored as exceptions).
 
     An entry is an exception when its residual leaves the alphabet or its int8 value was
-    saturated (the symbol it carries is then not the true one). The hot loop only counts
-    them, so it stays branch-free; rows that had any (rare) are redone to record where.
+    saturated (the symbol it carries is then not the true one). The hot loop runs over a
+    whole token (all heads) and only counts them, so it stays branch-free and vectorises;
+    rows that had any (rare) are redone from the kept predictions to record where.
     """
     g_n, t_n, c_n = q.shape
-    h_n = c_n // head_dim
     sym = np.empty((g_n, t_n, c_n), dtype=np.uint8)
     exc = np.empty(1024, dtype=np.int64)
     n_exc = 0
     s1 = np.zeros((g_n, c_n), dtype=np.int32)
     s2 = np.zeros((g_n, c_n), dtype=np.int32)
     prev = np.zeros(c_n, dtype=np.int32)
-    before = np.zeros(c_n, dtype=np.int32)
-    raw = np.zeros(c_n, dtype=np.int32)
-    wr = np.zeros(c_n, dtype=np.float64)
-    rs = np.zeros(h_n, dtype=np.float64)
+    pred = np.zeros(c_n, dtype=np.int32)
+    m = np.zeros(c_n, dtype=np.int32)
     top = np.int32(alphabet - 1)
     cen = np.int32(center)
     for g in range(g_n):
         prev[:] = 0
-        wr[:] = rho[g]
+        w = rho[g]
         r1 = s1[g]
         r2 = s2[g]
         for t in range(t_n):
             row = q[g, t]
             out = sym[g, t]
-            for h in range(h_n):
-                if t > 0:
-                    d = np.int64(code[g, t - 1, h]) - np.int64(code[g, t, h])
-                    d = min(max(d, -RATIO_RANGE), RATIO_RANGE)
-                    rs[h] = rt[d + RATIO_RANGE]
-                else:
-                    rs[h] = 0
-            before[:] = prev
+            _weights(code, rt, w, g, t, head_dim, m)
             nbad = np.int32(0)
-            for h in range(h_n):
-                nbad += _row(row, out, prev, wr, h * head_dim, (h + 1) * head_dim, rs[h], cen,
-                             top, raw)
-            # the statistics in a loop of their own: fewer arrays per loop lets LLVM prove
-            # they do not overlap and vectorise both
             for j in range(c_n):
-                sv = np.int32(out[j])
-                r1[j] += sv
-                r2[j] += sv * sv
+                pr = _pred(m[j], prev[j])
+                pred[j] = pr
+                v = np.int32(row[j])
+                s = v - pr + cen
+                sc = min(max(s, np.int32(0)), top)
+                nbad += np.int32((s != sc) | (v == 127) | (v == -128))
+                out[j] = sc
+                prev[j] = min(max(pr - cen + sc, np.int32(-128)), np.int32(127))
+                r1[j] += sc
+                r2[j] += sc * sc
             if nbad:
                 base = (g * t_n + t) * c_n
-                for h in range(h_n):
-                    for j in range(h * head_dim, (h + 1) * head_dim):
-                        v = np.int32(row[j])
-                        pred = _pred(wr[j], before[j], rs[h])
-                        s = v - pred + cen
-                        if s < 0 or s > top or v == 127 or v == -128:
-                            if n_exc == exc.shape[0]:
-                                bigger = np.empty(2 * n_exc, dtype=np.int64)
-                                bigger[:n_exc] = exc
-                                exc = bigger
-                            exc[n_exc] = base + j
-                            n_exc += 1
+                for j in range(c_n):
+                    v = np.int32(row[j])
+                    s = v - pred[j] + cen
+                    if s < 0 or s > top or v == 127 or v == -128:
+                        if n_exc == exc.shape[0]:
+                            bigger = np.empty(2 * n_exc, dtype=np.int64)
+                            bigger[:n_exc] = exc
+                            exc = bigger
+                        exc[n_exc] = base + j
+                        n_exc += 1
     return s1.astype(np.int64), s2.astype(np.int64), sym, exc[:n_exc].copy()
 
 
@@ -124,28 +112,20 @@ def unpredict(sym, code, rho, head_dim, center, rt, out):  # pragma: no cover - 
     """Residual symbols -> centred symbols, written as float32 into ``out`` (which may be
     a strided view of the decoder's buffer): the decoder's half of the chain."""
     g_n, t_n, c_n = sym.shape
-    h_n = c_n // head_dim
     prev = np.zeros(c_n, dtype=np.int32)
-    wr = np.zeros(c_n, dtype=np.float64)
+    m = np.zeros(c_n, dtype=np.int32)
     cen = np.int32(center)
     for g in range(g_n):
         prev[:] = 0
-        wr[:] = rho[g]
+        w = rho[g]
         for t in range(t_n):
             row = sym[g, t]
             dst = out[g, t]
-            for h in range(h_n):
-                if t > 0:
-                    d = np.int64(code[g, t - 1, h]) - np.int64(code[g, t, h])
-                    d = min(max(d, -RATIO_RANGE), RATIO_RANGE)
-                    r = np.float64(rt[d + RATIO_RANGE])
-                else:
-                    r = 0.0
-                for j in range(h * head_dim, (h + 1) * head_dim):
-                    pred = _pred(wr[j], prev[j], r)
-                    v = pred + np.int32(row[j]) - cen
-                    prev[j] = min(max(v, np.int32(-128)), np.int32(127))
-                    dst[j] = v
+            _weights(code, rt, w, g, t, head_dim, m)
+            for j in range(c_n):
+                v = _pred(m[j], prev[j]) + np.int32(row[j]) - cen
+                prev[j] = min(max(v, np.int32(-128)), np.int32(127))
+                dst[j] = v
 
 
 @numba.njit(cache=True, nogil=True)
