@@ -198,25 +198,21 @@ def _pick(m, m2, logvar, offsets):  # pragma: no cover - compiled
 
 @numba.njit(inline="always")
 def _enc_step(xs, e, inv_f, buf, p):  # pragma: no cover - compiled
-    """Push one symbol (packed entry ``e`` = freq | cum << 16) into state xs; returns
-    (xs, p).
+    """Push one symbol into state xs; returns (xs, p). ``e`` packs the symbol's cum
+    (bits 0-15), 4096 - freq (bits 16-31) and freq (bits 32-): see ``Bank``.
 
     Branch-free renormalisation: the low word is always written and the write position
     moves only when the state had to shrink (whether it does is a coin flip for the
-    branch predictor). x // f goes through a float reciprocal, exact or one short; the
-    correction is a select too, as it is taken often enough to cost mispredictions.
+    branch predictor). x // f is a product with a reciprocal rounded up by 2**-40, which
+    is exact here (below), so x' = (x // f) * 4096 + x % f + cum = x + cum + (x // f) *
+    (4096 - f) needs no remainder and no correction.
     """
-    f = e & 0xFFFF
-    cond = np.int64(xs >= (f << 20))  # ((L >> PROB_BITS) << 16) * f, L = 2**16
+    cond = np.int64(xs >= ((e >> 32) << 20))  # ((L >> PROB_BITS) << 16) * f, L = 2**16
     buf[p - 1] = xs & 0xFFFF
     p -= cond
     xs >>= cond << 4
     qt = np.int64(np.float64(xs) * inv_f)
-    r = xs - qt * f
-    adj = np.int64(r >= f)
-    qt += adj
-    r -= adj * f
-    return (qt << 12) + r + (e >> 16), p
+    return xs + (e & 0xFFFF) + qt * ((e >> 16) & 0xFFFF), p
 
 
 @numba.njit(cache=True, nogil=True)
@@ -353,9 +349,15 @@ class Bank:
         self.alphabet = alphabet
         self.center = center
         self.freq, self.cum, self.lut, self.logvar = make_bank(alphabet, center)
-        # the encoder's flat tables (see _encode); freq < 2**13 and cum < 2**12
-        self.fc = (self.freq.astype(np.int64) | (self.cum.astype(np.int64) << 16)).ravel()
-        self.inv = (1.0 / self.freq.astype(np.float64)).ravel()
+        # The encoder's flat tables (see _encode, _enc_step): cum | (4096 - freq) << 16 |
+        # freq << 32, and 1 / freq raised by a relative 2**-40. With x < freq * 2**20
+        # after renormalisation, the float product lies in [x / freq, x / freq + 2**-19)
+        # (the raise outweighs the two roundings, 2**-53 relative each), while x / freq is
+        # whole or at least 1 / freq >= 2**-12 short of the next integer: truncating it
+        # gives exactly x // freq.
+        f = self.freq.astype(np.int64)
+        self.fc = (self.cum.astype(np.int64) | ((PROB_SCALE - f) << 16) | (f << 32)).ravel()
+        self.inv = (1.0 / f.astype(np.float64) * (1.0 + 2.0 ** -40)).ravel()
         self.offsets = np.array(OFFSETS, dtype=np.float64)
         self.ntables = len(self.freq)
 
