@@ -235,8 +235,8 @@ class CacheGenCodec(BaseCodec):
         # both halves land in one CPU buffer in place, then move to the device once
         qn = np.empty((L, 2, T - 1, C), dtype=np.float32)
         predict.unpredict(ksym, np.ascontiguousarray(code_np[:, 0]), rho, D, CENTER, _RATIOS,
-                          qn[:, 0])
-        predict.center_into(vsym, CENTER, qn[:, 1])
+                          qn, 0)
+        predict.center_into(vsym, CENTER, qn, 1)
         q = torch.from_numpy(qn).to(device).view(L, 2, T - 1, H, D)
         body = q.add_(shift).mul_(torch.exp2((code - STEP_BIAS) / STEP_RES))
         if n_exc:

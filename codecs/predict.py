@@ -108,9 +108,10 @@ def symbolize(q, code, rho, head_dim, alphabet, center, rt):  # pragma: no cover
 
 
 @numba.njit(cache=True, nogil=True)
-def unpredict(sym, code, rho, head_dim, center, rt, out):  # pragma: no cover - compiled
-    """Residual symbols -> centred symbols, written as float32 into ``out`` (which may be
-    a strided view of the decoder's buffer): the decoder's half of the chain."""
+def unpredict(sym, code, rho, head_dim, center, rt, out, half):  # pragma: no cover
+    """Residual symbols -> centred symbols, written as float32 into ``out[:, half]`` of the
+    decoder's ``[G, 2, T, C]`` buffer: the decoder's half of the chain. The whole buffer
+    comes in, not a strided view of it, so numba sees contiguous rows and vectorises."""
     g_n, t_n, c_n = sym.shape
     prev = np.zeros(c_n, dtype=np.int32)
     m = np.zeros(c_n, dtype=np.int32)
@@ -120,7 +121,7 @@ def unpredict(sym, code, rho, head_dim, center, rt, out):  # pragma: no cover - 
         w = rho[g]
         for t in range(t_n):
             row = sym[g, t]
-            dst = out[g, t]
+            dst = out[g, half, t]
             _weights(code, rt, w, g, t, head_dim, m)
             for j in range(c_n):
                 v = _pred(m[j], prev[j]) + np.int32(row[j]) - cen
@@ -129,13 +130,13 @@ def unpredict(sym, code, rho, head_dim, center, rt, out):  # pragma: no cover - 
 
 
 @numba.njit(cache=True, nogil=True)
-def center_into(sym, center, out):  # pragma: no cover - compiled
-    """uint8 symbols minus ``center`` as float32 into ``out`` (a strided view is fine)."""
+def center_into(sym, center, out, half):  # pragma: no cover - compiled
+    """uint8 symbols minus ``center`` as float32 into ``out[:, half]`` (as ``unpredict``)."""
     g_n, t_n, c_n = sym.shape
     for g in range(g_n):
         for t in range(t_n):
             src = sym[g, t]
-            dst = out[g, t]
+            dst = out[g, half, t]
             for j in range(c_n):
                 dst[j] = np.float32(np.int32(src[j]) - center)
 
