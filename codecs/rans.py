@@ -208,8 +208,8 @@ def _enc_step(xs, e, inv_f, buf, p):  # pragma: no cover - compiled
     (4096 - f) needs no remainder and no correction.
     """
     cond = np.int64(xs >= ((e >> 32) << 20))  # ((L >> PROB_BITS) << 16) * f, L = 2**16
-    buf[p - 1] = xs & 0xFFFF
-    p -= cond
+    buf[p - np.uint64(1)] = xs & 0xFFFF
+    p -= np.uint64(cond)
     xs >>= cond << 4
     qt = np.int64(np.float64(xs) * inv_f)
     return xs + (e & 0xFFFF) + qt * ((e >> 16) & 0xFFFF), p
@@ -219,14 +219,16 @@ def _enc_step(xs, e, inv_f, buf, p):  # pragma: no cover - compiled
 def _encode(sym, ctx, fc, inv, alphabet):  # pragma: no cover - compiled
     """``fc`` and ``inv`` are the bank's tables flattened to ``[table * alphabet + symbol]``,
     freq and cum packed in one word: one load and one index per symbol instead of three
-    two-dimensional lookups, which the loop is bound by."""
+    two-dimensional lookups, which the loop is bound by. Indices are unsigned (uint64):
+    numba wraps negative signed indices around, a compare and select per access that
+    LLVM cannot drop for an index it cannot prove non-negative."""
     g_n, t_n, c_n = sym.shape
     n = g_n * t_n * c_n
     buf = np.empty(n + 2 * 4 + 8, dtype=np.uint16)
-    p = np.int64(buf.shape[0])
+    p = np.uint64(buf.shape[0])
     # states < 2**32 live in int64: signed integers convert to float natively
     x = np.full(4, 1 << 16, dtype=np.int64)
-    kb = np.empty(c_n, dtype=np.int64)
+    kb = np.empty(c_n, dtype=np.uint64)
     if c_n % 4 == 0:
         # symbol (g, t, c) belongs to state c % 4: four independent chains per iteration
         x0 = x[0]
@@ -235,16 +237,16 @@ def _encode(sym, ctx, fc, inv, alphabet):  # pragma: no cover - compiled
         x3 = x[3]
         for g in range(g_n - 1, -1, -1):
             for c in range(c_n):
-                kb[c] = np.int64(ctx[g, c]) * alphabet
+                kb[c] = np.uint64(ctx[g, c]) * np.uint64(alphabet)
             for t in range(t_n - 1, -1, -1):
                 row = sym[g, t]
                 for c4 in range(c_n // 4 - 1, -1, -1):
-                    c = c4 * 4
-                    i = kb[c + 3] + row[c + 3]
+                    c = np.uint64(c4 * 4)
+                    i = kb[c + np.uint64(3)] + row[c + np.uint64(3)]
                     x3, p = _enc_step(x3, fc[i], inv[i], buf, p)
-                    i = kb[c + 2] + row[c + 2]
+                    i = kb[c + np.uint64(2)] + row[c + np.uint64(2)]
                     x2, p = _enc_step(x2, fc[i], inv[i], buf, p)
-                    i = kb[c + 1] + row[c + 1]
+                    i = kb[c + np.uint64(1)] + row[c + np.uint64(1)]
                     x1, p = _enc_step(x1, fc[i], inv[i], buf, p)
                     i = kb[c] + row[c]
                     x0, p = _enc_step(x0, fc[i], inv[i], buf, p)
@@ -259,14 +261,15 @@ def _encode(sym, ctx, fc, inv, alphabet):  # pragma: no cover - compiled
                 for c in range(c_n - 1, -1, -1):
                     j -= 1
                     lane = j & 3
-                    i = np.int64(ctx[g, c]) * alphabet + sym[g, t, c]
+                    i = np.uint64(ctx[g, c]) * np.uint64(alphabet) + sym[g, t, c]
                     x[lane], p = _enc_step(x[lane], fc[i], inv[i], buf, p)
+    q = np.int64(p)
     for lane in range(3, -1, -1):
-        p -= 1
-        buf[p] = x[lane] >> 16
-        p -= 1
-        buf[p] = x[lane] & 0xFFFF
-    return buf[p:].copy()
+        q -= 1
+        buf[q] = x[lane] >> 16
+        q -= 1
+        buf[q] = x[lane] & 0xFFFF
+    return buf[q:].copy()
 
 
 @numba.njit(inline="always")
