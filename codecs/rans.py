@@ -276,29 +276,29 @@ def _encode(sym, ctx, fc, inv, alphabet):  # pragma: no cover - compiled
 def _dec_step(xs, k, freq, cum, lut, words, p, nw):  # pragma: no cover - compiled
     """Pop one symbol from state xs; returns (symbol, xs, p). Branch-free refill: the
     read position is clamped so a truncated stream never reads out of bounds; the caller
-    checks p afterwards."""
-    slot = xs & (PROB_SCALE - 1)
+    checks p afterwards. Indices are unsigned, as in the encoder, so numba adds no
+    negative-index wraparound to the lookups on the state's dependency chain."""
+    slot = np.uint64(xs & (PROB_SCALE - 1))
     s = lut[k, slot]
-    xs = np.int64(freq[k, s]) * (xs >> 12) + slot - np.int64(cum[k, s])
+    xs = np.int64(freq[k, s]) * (xs >> 12) + np.int64(slot) - np.int64(cum[k, s])
     cond = np.int64(xs < (1 << 16))
     w = np.int64(words[min(p, nw)])
     xs = (xs << (cond << 4)) | (w & -cond)
-    return s, xs, p + cond
+    return s, xs, p + np.uint64(cond)
 
 
 @numba.njit(cache=True, nogil=True)
 def _decode(words, shape_g, shape_t, shape_c, ctx, freq, cum, lut):  # pragma: no cover
     out = np.empty((shape_g, shape_t, shape_c), dtype=np.uint8)
-    nw = words.shape[0]
-    if nw < 8:
+    if words.shape[0] < 8:
         return out, -1
-    padded = np.zeros(nw + 1, dtype=np.uint16)
-    padded[:nw] = words
+    nw = np.uint64(words.shape[0])
+    padded = np.zeros(words.shape[0] + 1, dtype=np.uint16)
+    padded[:words.shape[0]] = words
     x = np.empty(4, dtype=np.int64)
-    p = 0
     for lane in range(4):
-        x[lane] = np.int64(words[p]) | (np.int64(words[p + 1]) << 16)
-        p += 2
+        x[lane] = np.int64(words[2 * lane]) | (np.int64(words[2 * lane + 1]) << 16)
+    p = np.uint64(8)
     if shape_c % 4 == 0:
         x0 = x[0]
         x1 = x[1]
@@ -308,15 +308,19 @@ def _decode(words, shape_g, shape_t, shape_c, ctx, freq, cum, lut):  # pragma: n
             kr = ctx[g]
             for t in range(shape_t):
                 row = out[g, t]
-                for c in range(0, shape_c, 4):
+                for c4 in range(shape_c // 4):
+                    c = np.uint64(4 * c4)
+                    c1 = c + np.uint64(1)
+                    c2 = c + np.uint64(2)
+                    c3 = c + np.uint64(3)
                     s, x0, p = _dec_step(x0, kr[c], freq, cum, lut, padded, p, nw)
                     row[c] = s
-                    s, x1, p = _dec_step(x1, kr[c + 1], freq, cum, lut, padded, p, nw)
-                    row[c + 1] = s
-                    s, x2, p = _dec_step(x2, kr[c + 2], freq, cum, lut, padded, p, nw)
-                    row[c + 2] = s
-                    s, x3, p = _dec_step(x3, kr[c + 3], freq, cum, lut, padded, p, nw)
-                    row[c + 3] = s
+                    s, x1, p = _dec_step(x1, kr[c1], freq, cum, lut, padded, p, nw)
+                    row[c1] = s
+                    s, x2, p = _dec_step(x2, kr[c2], freq, cum, lut, padded, p, nw)
+                    row[c2] = s
+                    s, x3, p = _dec_step(x3, kr[c3], freq, cum, lut, padded, p, nw)
+                    row[c3] = s
             if p > nw:
                 return out, -1
         x[0] = x0
