@@ -122,10 +122,15 @@ class CacheGenCodec(BaseCodec):
         step = norm.mul_(self._layer_steps(tuple(kv.shape), kv.device) / D ** 0.5)
         code = torch.round(STEP_RES * torch.log2(step.clamp_min_(2.0 ** -24)) + STEP_BIAS)
         code = code.clamp_(0, 255)
-        # Step codes are coded relative to their (layer, K/V, head)'s mean; a code farther
-        # off than the alphabet is pulled in, which only makes that token's step finer or
-        # coarser, and the decoder sees the same code either way.
-        ref = torch.round(code.mean(dim=2, keepdim=True)).clamp_(0, 255)
+        # Step codes are coded relative to their (layer, K/V, head)'s mean. A code farther
+        # off than the alphabet is pulled in, and only ever downwards: a finer step keeps the
+        # error bound (what no longer fits the alphabet becomes an exact exception), while a
+        # coarser one would round a vector far quieter than its neighbours to noise. So the
+        # reference drops when needed to keep the smallest code in reach.
+        ref = torch.round(code.mean(dim=2, keepdim=True))
+        if code.shape[2]:  # a one-token chunk has no body and nothing to reach
+            ref = torch.minimum(ref, code.amin(dim=2, keepdim=True) - LO)
+        ref = ref.nan_to_num_(0.0).clamp_(0, 255)
         code = torch.minimum(torch.maximum(code, ref + LO), ref + HI).clamp_(0, 255)
         code_sym = (code - ref + CENTER).to(torch.uint8)
         q = body.mul_(torch.exp2((STEP_BIAS - code) / STEP_RES)).round_()
