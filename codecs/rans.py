@@ -150,13 +150,7 @@ def _symbolize(q, offset, alphabet, center, logvar, offsets):  # pragma: no cove
                             exc = bigger
                         exc[n_exc] = base + c
                         n_exc += 1
-    ctx = np.zeros((g_n, c_n), dtype=np.uint8)
-    if t_n:
-        for g in range(g_n):
-            for c in range(c_n):
-                m = s1[g, c] / t_n
-                ctx[g, c] = _pick(m - center, s2[g, c] / t_n - m * m + (m - center) ** 2,
-                                  logvar, offsets)
+    ctx = _tables_from_moments(s1, s2, t_n, center, logvar, offsets)
     return sym, ctx, exc[:n_exc].copy()
 
 
