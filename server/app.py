@@ -22,7 +22,7 @@ log = logging.getLogger("kvctl.server")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
+def describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -63,7 +63,7 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
+        return JSONResponse({"detail": describe_validation(exc)}, status_code=422)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:

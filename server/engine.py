@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvctl.server.app import _describe_validation
+from kvctl.server.app import describe_validation
 from kvctl.server.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.worker import WorkerRuntime
 
@@ -212,7 +212,7 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
+        return JSONResponse({"detail": describe_validation(exc)}, status_code=422)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

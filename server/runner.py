@@ -54,10 +54,9 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
+        flag = "--port" if what == "controller" else f"--{what}-port"
         raise OSError(f"cannot listen on {host}:{port} for the {what}: {exc.strerror}; "
-                      f"pick another port (--{what}-port)" if what != "controller" else
-                      f"cannot listen on {host}:{port} for the controller: {exc.strerror}; "
-                      "pick another port (--port)") from None
+                      f"pick another port ({flag})") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock

@@ -113,6 +113,13 @@ class WorkerRuntime:
             raise RequestError(404, f"unknown location {location!r}; configured locations: "
                                     f"{known}") from None
 
+    def codec(self, method: str) -> Any:
+        """The codec for a `method` string; an unknown one is a 400 listing the known ones."""
+        try:
+            return codec_for_method(method)
+        except CodecError as exc:
+            raise RequestError(400, str(exc)) from None
+
     def check_tokens(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.settings.max_request_tokens:
             raise RequestError(413, f"{len(tokens)} tokens is more than the "
@@ -156,10 +163,7 @@ class WorkerRuntime:
                  ) -> Event:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
-        try:
-            codec = codec_for_method(method)
-        except CodecError as exc:
-            raise RequestError(400, str(exc)) from None
+        codec = self.codec(method)
         backend = self.backend(location)
         refs = self.matched(backend, tokens)
         return self._schedule(self._pool, "compress", instance_id, method, location, refs,
@@ -169,10 +173,7 @@ class WorkerRuntime:
                    ) -> Event:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
-        try:
-            codec_for_method(method)
-        except CodecError as exc:
-            raise RequestError(400, str(exc)) from None
+        self.codec(method)  # an unknown method is refused before anything is scheduled
         backend = self.backend(location)
         refs = self.matched(backend, tokens)
         return self._schedule(self._pool, "decompress", instance_id, method, location, refs,
