@@ -1,7 +1,7 @@
 """Measure how sensitive the embedded model is to quantization error in each layer's K and V.
 
 CacheGen gives more precision to the layers whose KV errors hurt the output most. This script
-measures that offline, on benchmarks/calibration.txt (never on the held-out benchmark text):
+measures that offline, on kvctl/common/texts/calibration.txt (never on the held-out benchmark text):
 for each (layer, K/V) it quantizes only that tensor (step = the vector's RMS) and records the
 KL divergence of the next-token distributions over the continuation. The step multipliers
 ``(w / geometric_mean(w)) ** -0.5`` equalise each tensor's share of the distortion (for
@@ -14,20 +14,18 @@ The printed table goes into kvctl.codecs.profiles.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-from kvctl.server.model import load_model, load_tokenizer_for, prefill
-
-HERE = Path(__file__).resolve().parent
+from kvctl.common.bench import TEXTS
+from kvctl.common.model import load_model, load_tokenizer_for, prefill
 
 
 def main() -> None:
     prefix, cont = 512, 256
     lm = load_model("smollm2")
     tok = load_tokenizer_for("smollm2")
-    ids = list(tok((HERE / "calibration.txt").read_text())["input_ids"])[:prefix + cont]
+    ids = list(tok((TEXTS / "calibration.txt").read_text())["input_ids"])[:prefix + cont]
     _, kv = prefill(lm, ids[:prefix])
     x = kv.to(torch.float16).float()
     ref, _ = prefill(lm, ids[prefix:], past_kv=x)

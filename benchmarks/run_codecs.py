@@ -2,7 +2,7 @@
 
 Same code path as `kvctl bench` (the Typer command function is invoked directly, so this
 works before or without the CLI), with the committed defaults: the embedded SmolLM2-135M
-reads benchmarks/heldout.txt, 512-token prefix in 256-token chunks, 256-token continuation.
+reads kvctl/common/texts/heldout.txt, 512-token prefix in 256-token chunks, 256-token continuation.
 
 Usage: .venv/bin/python benchmarks/run_codecs.py [extra `kvctl bench` options]
 """

@@ -1,7 +1,7 @@
 """Per-(layer, K/V) quantization step multipliers: CacheGen's sensitivity-driven allocation.
 
 A profile is a property of the model, measured offline by
-``benchmarks/calibrate_sensitivity.py`` on ``benchmarks/calibration.txt`` (a text the
+``benchmarks/calibrate_sensitivity.py`` on ``kvctl/common/texts/calibration.txt`` (a text the
 benchmark never reads): each tensor's multiplier is ``(w / geomean(w)) ** -0.5`` where ``w``
 is the KL divergence the model shows when only that tensor is quantized. The codec sees only
 the KV shape, so a profile is looked up by (layers, kv heads, head dim). Encoder-only data:

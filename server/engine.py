@@ -23,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.app import describe_validation
-from kvctl.server.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.engine")
@@ -97,7 +97,7 @@ class Engine:
     def generate(self, req: CompletionRequest) -> Generation:
         import torch
 
-        from kvctl.server.model import cache_from_kv, kv_from_cache
+        from kvctl.common.model import cache_from_kv, kv_from_cache
 
         ids = self.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         if not ids:

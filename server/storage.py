@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvctl.common.paths import atomic_write
 
 
 class StorageError(RuntimeError):
@@ -169,21 +169,6 @@ class LocalCPUBackend(StorageBackend):
         with self._lock:
             return BackendStats(len(self._entries), self._bytes, self.capacity,
                                 sum(e.pinned for e in self._entries.values()))
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class LocalDiskBackend(StorageBackend):

@@ -37,14 +37,14 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def lm():
     """The embedded SmolLM2-135M model, loaded once."""
-    from kvctl.server.model import load_model
+    from kvctl.common.model import load_model
 
     return load_model("smollm2")
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from kvctl.server.model import load_tokenizer_for
+    from kvctl.common.model import load_tokenizer_for
 
     return load_tokenizer_for("smollm2")
 
@@ -59,7 +59,7 @@ def prose_kv(lm, prose_ids):
     """Real fp16 KV of PROSE: [30, 2, T, 3, 64]."""
     import torch
 
-    from kvctl.server.model import prefill
+    from kvctl.common.model import prefill
 
     _, kv = prefill(lm, prose_ids)
     return kv.to(torch.float16)

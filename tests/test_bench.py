@@ -60,7 +60,7 @@ def test_bench_errors_are_one_line(app, kv_file, tmp_path):
 
 @pytest.mark.model
 def test_bench_on_text_with_the_model(app, tmp_path, lm):
-    from kvctl.server import bench as b
+    from kvctl.common import bench as b
 
     text = tmp_path / "t.txt"
     text.write_text(b.DEFAULT_TEXT.read_text(encoding="utf-8"), encoding="utf-8")
@@ -84,7 +84,7 @@ def test_bench_on_text_with_the_model(app, tmp_path, lm):
 
 @pytest.mark.model
 def test_fidelity_of_exact_and_lossy_kv(lm):
-    from kvctl.server import bench as b
+    from kvctl.common import bench as b
 
     work = b.text_workload(None, prefix=64, continuation=32, chunk_size=32, lm=lm)
     rep = b.run_bench(work, ["raw", "kivi-2"], repeats=1, chunk_size=32)

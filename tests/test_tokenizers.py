@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from kvctl.cli import app
 from kvctl.commands._common import parse_token_ids
+from kvctl.common.tokenizers import TokenizerError, encode_prompt, load_tokenizer
 from kvctl.errors import UsageError
-from kvctl.tokenizers import TokenizerError, encode_prompt, load_tokenizer
 
 SEED_PROMPT = "Explain the significance of KV cache in language models."
 SEED_IDS = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
@@ -34,7 +34,7 @@ def test_llama3_special_tokens(llama3):
 
 
 def test_llama3_conversion_is_cached(llama3, tmp_path, monkeypatch):
-    from kvctl import tokenizers
+    from kvctl.common import tokenizers
 
     monkeypatch.setenv("KVCTL_CACHE_DIR", str(tmp_path))
     tok = tokenizers.load_llama3()

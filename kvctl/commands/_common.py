@@ -60,7 +60,7 @@ def read_prompt(prompt: str) -> str:
 
 def tokenize(text: str, spec: str | None) -> list[int]:
     """Token ids of ``text`` with the tokenizer ``spec`` (settings decide the default)."""
-    from kvctl.tokenizers import TokenizerError, encode_prompt, load_tokenizer
+    from kvctl.common.tokenizers import TokenizerError, encode_prompt, load_tokenizer
 
     spec = resolve(tokenizer=spec).tokenizer if spec is None else spec
     try:

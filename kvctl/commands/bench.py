@@ -18,7 +18,7 @@ def _fail(msg: str, code: int) -> None:
 def bench(
     text: Annotated[Path | None, typer.Option(
         "--text", dir_okay=False,
-        help="Held-out prose the embedded model reads (default: benchmarks/heldout.txt).")
+        help="Held-out prose the embedded model reads (default: the bundled held-out text).")
     ] = None,
     kv: Annotated[Path | None, typer.Option(
         "--kv", dir_okay=False,
@@ -54,8 +54,8 @@ def bench(
         except CodecError as exc:
             _fail(str(exc), 2)
     try:
-        from kvctl.server import bench as b
-        from kvctl.server.model import ModelNotFoundError
+        from kvctl.common import bench as b
+        from kvctl.common.model import ModelNotFoundError
 
         if kv is not None:
             work = b.kv_file_workload(kv, chunk_size)

@@ -8,12 +8,11 @@ importing this module must stay cheap for `kvctl --help`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from kvctl.common.paths import atomic_write, cache_root, file_tag
 
 BUILTIN_TOKENIZERS = ("smollm2", "llama3")
 DEFAULT_TOKENIZER = "smollm2"  # the model `kvctl serve` runs
@@ -32,15 +31,6 @@ _LLAMA3_NAMED = (
 
 class TokenizerError(ValueError):
     """A tokenizer spec that cannot be resolved on this machine; the message says why."""
-
-
-def cache_dir() -> Path:
-    """Where derived tokenizers are kept: ``$KVCTL_CACHE_DIR``, else ``~/.cache/kvctl``."""
-    env = os.environ.get("KVCTL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvctl"
 
 
 def llama3_special_tokens() -> list[str]:
@@ -62,25 +52,6 @@ def llama3_model_file() -> Path:
         raise TokenizerError(f"{path} is missing; reinstall with "
                              "`pip install --no-deps --force-reinstall llama-models`")
     return path
-
-
-def _file_tag(path: Path) -> str:
-    # size and mtime in the key: a replaced source file is converted again
-    st = path.stat()
-    return hashlib.blake2b(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode(),
-                           digest_size=6).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _build_llama3(model_file: Path) -> Any:
@@ -109,7 +80,7 @@ def load_llama3() -> Any:
     from transformers import PreTrainedTokenizerFast
 
     model_file = llama3_model_file()
-    cached = cache_dir() / "tokenizers" / f"llama3-{_file_tag(model_file)}" / "tokenizer.json"
+    cached = cache_root() / "tokenizers" / f"llama3-{file_tag(model_file)}" / "tokenizer.json"
     if cached.is_file():
         from tokenizers import Tokenizer
 
@@ -117,7 +88,7 @@ def load_llama3() -> Any:
     else:
         tok = _build_llama3(model_file)
         try:
-            _write_atomic(cached, tok.to_str())
+            atomic_write(cached, tok.to_str().encode(), durable=False)
         except OSError:
             pass  # a read-only cache only costs the conversion time next run
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=LLAMA3_BOS,
@@ -127,7 +98,7 @@ def load_llama3() -> Any:
 def _load_gguf(path: Path) -> Any:
     # The server already caches a GGUF's tokenizer as tokenizer.json; share that cache so
     # the CLI and the engine agree on ids and the 4 s GGUF parse happens once per machine.
-    from kvctl.server.model import load_gguf_tokenizer
+    from kvctl.common.model import load_gguf_tokenizer
 
     return load_gguf_tokenizer(path)
 
@@ -148,7 +119,7 @@ def _load_tokenizer(spec: str) -> Any:
     if spec == "llama3":
         return load_llama3()
     if spec == "smollm2":
-        from kvctl.server.model import ModelNotFoundError, smollm2_gguf_path
+        from kvctl.common.model import ModelNotFoundError, smollm2_gguf_path
 
         try:
             return _load_gguf(smollm2_gguf_path())

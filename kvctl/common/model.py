@@ -7,7 +7,6 @@ KV layout everywhere in kvctl: ``[num_layers, 2, num_tokens, num_kv_heads, head_
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kvctl.common.paths import cache_root, file_tag
 
 if TYPE_CHECKING:
     import torch
@@ -50,25 +51,13 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def cache_root() -> Path:
-    """Where kvctl keeps derived files (``$KVCTL_CACHE_DIR``, else ``~/.cache/kvctl``)."""
-    env = os.environ.get("KVCTL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvctl"
-
-
 def gguf_cache_dir(gguf: Path) -> Path:
     """Cache folder of the dequantized weights and tokenizer of one GGUF file.
 
     GGUF dequantization takes ~15 s on a small CPU; the cached safetensors load in < 1 s.
     The key includes size and mtime so a replaced file is converted again.
     """
-    st = gguf.stat()
-    tag = hashlib.blake2b(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode(),
-                          digest_size=6).hexdigest()
-    return cache_root() / "models" / f"{gguf.stem}-{tag}"
+    return cache_root() / "models" / f"{gguf.stem}-{file_tag(gguf)}"
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:

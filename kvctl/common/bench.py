@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from kvctl.server.model import LoadedModel
+    from kvctl.common.model import LoadedModel
 
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "benchmarks" / "heldout.txt"
+TEXTS = Path(__file__).resolve().parent / "texts"
+DEFAULT_TEXT = TEXTS / "heldout.txt"
 
 
 class BenchError(Exception):
@@ -106,7 +107,7 @@ def text_workload(text_path: Path | None, prefix: int = 512, continuation: int =
     """Tokenize a text, build the exact fp16 prefix KV and the reference logits."""
     import torch
 
-    from kvctl.server.model import load_model, load_tokenizer_for, prefill
+    from kvctl.common.model import load_model, load_tokenizer_for, prefill
 
     path = Path(text_path) if text_path else DEFAULT_TEXT
     try:
@@ -213,7 +214,7 @@ def evaluate(method: str, codec: Any, work: Workload, repeats: int = 3) -> Codec
                       encode_mbps=fp16_bytes / enc_t / 1e6, decode_mbps=fp16_bytes / dec_t / 1e6,
                       rel_error=rel, blob_bytes=blob_bytes)
     if work.lm is not None and work.ref_logits is not None and work.continuation_ids:
-        from kvctl.server.model import prefill
+        from kvctl.common.model import prefill
 
         logits, _ = prefill(work.lm, work.continuation_ids, past_kv=y)
         ppl, top1 = ppl_and_top1(logits, work.ref_logits, work.continuation_ids)
