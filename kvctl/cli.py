@@ -19,6 +19,7 @@ from kvctl.commands import cache, cluster, events
 from kvctl.commands.bench import bench
 from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
+from kvctl.commands.worker import worker
 from kvctl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, KvctlError
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
@@ -111,6 +112,7 @@ app.command(rich_help_panel="Tokens")(tokenize)
 for fn in (cluster.health, cluster.workers, cluster.codecs):
     app.command(rich_help_panel="Cluster")(fn)
 app.command(rich_help_panel="Server")(serve)
+app.command(rich_help_panel="Server")(worker)
 app.command(rich_help_panel="Server")(bench)
 
 

@@ -1,4 +1,8 @@
-"""The controller app: `create_app(settings)` builds it; its lifespan owns the worker runtime."""
+"""The controller app: `create_app(settings)` builds it; its lifespan owns the controller.
+
+`ERROR_STATUS` is the one table that turns domain errors into HTTP statuses, for the
+controller, the monitor and the worker apps alike.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from kvctl import __version__
+from kvctl.server import errors
 from kvctl.server.config import ServerSettings
+from kvctl.server.controller import Controller, open_state
 from kvctl.server.routers import cache, cluster, events
 from kvctl.server.storage import StorageError
-from kvctl.server.worker import RequestError, WorkerRuntime
+from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+ERROR_STATUS: dict[type[errors.DomainError], int] = {
+    errors.BadRequest: 400,
+    errors.UnknownMethod: 400,
+    errors.UnknownInstance: 404,
+    errors.UnknownLocation: 404,
+    errors.UnknownEvent: 404,
+    errors.ChecksumMismatch: 409,
+    errors.TooLarge: 413,
+    errors.WorkerUnavailable: 503,
+    errors.StateUnavailable: 503,
+    errors.StoreUnavailable: 503,
+}
+
+
+def status_of(exc: errors.DomainError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]  # type: ignore[index]
+    return 500
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -31,35 +57,19 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | None = None
-               ) -> FastAPI:
-    """Build the controller. Pass ``runtime`` to share one worker with the engine."""
-    settings = settings or ServerSettings()
+def install_error_handlers(app: FastAPI) -> None:
+    """Domain errors, storage failures, invalid bodies and oversized bodies, as JSON."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = runtime is None
-        app.state.runtime = runtime or WorkerRuntime(settings)
-        try:
-            yield
-        finally:
-            if owned:
-                app.state.runtime.close()
-
-    app = FastAPI(title="kvctl controller", version=__version__, lifespan=lifespan,
-                  description="LMCache-compatible cache controller with tracked events.")
-    app.state.settings = settings
-    app.include_router(cache.router)
-    app.include_router(events.router)
-    app.include_router(cluster.router)
-
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    @app.exception_handler(errors.DomainError)
+    async def _domain_error(_: Request, exc: errors.DomainError) -> JSONResponse:
+        # `kind` lets an HTTP transport raise the same error class on the other side
+        return JSONResponse({"detail": exc.detail, "kind": exc.kind},
+                            status_code=status_of(exc))
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503)
+        return JSONResponse({"detail": str(exc), "kind": errors.StoreUnavailable.kind},
+                            status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -74,4 +84,44 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
                                 status_code=413)
         return await call_next(request)
 
+
+def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | None = None,
+               self_url: str | None = None) -> FastAPI:
+    """Build the controller.
+
+    With ``settings.embedded_worker`` (the default) it runs one worker in-process, or uses
+    ``runtime`` when given (shared with the engine); without, it only routes to workers that
+    register. ``self_url`` is where other processes reach this app.
+    """
+    from kvctl.server import worker_app
+
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = runtime is None and settings.embedded_worker
+        rt = runtime if runtime is not None else (
+            WorkerRuntime(settings) if settings.embedded_worker else None)
+        app.state.runtime = rt
+        ctl = Controller(settings, open_state(settings.state, settings.max_events,
+                                              settings.event_retention_s),
+                         rt, self_url=self_url)
+        app.state.controller = ctl
+        try:
+            await ctl.start()
+            yield
+        finally:
+            await ctl.close()
+            if owned and rt is not None:
+                rt.close()
+
+    app = FastAPI(title="kvctl controller", version=__version__, lifespan=lifespan,
+                  description="LMCache-compatible cache controller with tracked events.")
+    app.state.settings = settings
+    app.include_router(cache.router)
+    app.include_router(events.router)
+    app.include_router(cluster.router)
+    # the embedded worker's command API, for other controllers that share this one's state
+    app.include_router(worker_app.router)
+    install_error_handlers(app)
     return app

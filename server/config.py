@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,6 +69,21 @@ class ServerSettings(BaseModel):
     max_events: int = Field(10_000, ge=10)
     engine_location: str = "LocalCPUBackend"
 
+    # cluster: the controller's state, worker liveness, where codec work runs
+    state: str | None = Field(None, description="redis://host:port[/db] for the controller's "
+                              "events and worker registry; none = in memory")
+    embedded_worker: bool = Field(True, description="kvctl serve runs a worker in-process")
+    codec_pool: Literal["process", "thread"] = "process"
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60)
+    dead_after_s: float = Field(10.0, gt=0, le=3600,
+                                description="a worker silent this long is dead")
+    event_retention_s: float = Field(86_400.0, gt=0,
+                                     description="ended events kept this long in Redis state")
+    worker_timeout_s: float = Field(5.0, gt=0, le=600,
+                                    description="how long the controller waits for a worker")
+    advertise_host: str | None = Field(None, description="host other processes reach this "
+                                       "one at; default: host")
+
     @field_validator("lmcache_instance_id")
     @classmethod
     def _nonempty(cls, v: str) -> str:
@@ -85,6 +100,43 @@ class ServerSettings(BaseModel):
         if raw.startswith("file://"):
             raw = raw[len("file://"):]
         return Path(raw).expanduser()
+
+    @field_validator("state")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://host:port[/db]")
+        return v or None
+
+    @property
+    def worker_port(self) -> int | None:
+        """The port `kvctl worker` serves the controller's commands on."""
+        ports = self.lmcache_worker_ports
+        if isinstance(ports, list):
+            return ports[0] if ports else self.lmcache_worker_port
+        return ports if ports is not None else self.lmcache_worker_port
+
+    @property
+    def controller_urls(self) -> list[str]:
+        """Where a worker registers: `controller_url` and/or `controller_pull_url`.
+
+        Either may hold several comma-separated addresses (controllers sharing one state);
+        a bare host:port means http.
+        """
+        out: list[str] = []
+        for raw in (self.controller_url, self.controller_pull_url):
+            for part in (raw or "").split(","):
+                part = part.strip().rstrip("/")
+                if part:
+                    url = part if "://" in part else f"http://{part}"
+                    if url not in out:
+                        out.append(url)
+        return out
+
+    @property
+    def public_host(self) -> str:
+        host = self.advertise_host or self.host
+        return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
     @property
     def cpu_bytes(self) -> int:

@@ -6,35 +6,17 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-QUEUED, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
-TERMINAL = frozenset({FINISHED, FAILED})
+from kvctl.common.events import ENDED, FAILED, FINISHED, QUEUED, RUNNING, Event
+
+TERMINAL = ENDED
+__all__ = ["FAILED", "FINISHED", "QUEUED", "RUNNING", "TERMINAL", "Event", "EventTable",
+           "new_event_id"]
 
 
-@dataclass
-class Event:
-    """One controller operation as operators see it (`GET /events/{id}`)."""
-
-    event_id: str
-    op: str
-    instance_id: str
-    method: str | None
-    location: str | None
-    num_tokens: int
-    chunks_total: int
-    status: str = QUEUED
-    chunks_done: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    error: str | None = None
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def new_event_id(op: str) -> str:
+    return f"{op}-{uuid.uuid4().hex}"
 
 
 class EventTable:
@@ -49,8 +31,9 @@ class EventTable:
         self.transitions: dict[tuple[str, str], int] = {}
 
     def create(self, op: str, instance_id: str, method: str | None, location: str | None,
-               num_tokens: int, chunks_total: int) -> Event:
-        ev = Event(event_id=f"{op}-{uuid.uuid4().hex}", op=op, instance_id=instance_id,
+               num_tokens: int, chunks_total: int, event_id: str | None = None) -> Event:
+        # The controller names the event; a worker's table keeps that name for its job.
+        ev = Event(event_id=event_id or new_event_id(op), op=op, instance_id=instance_id,
                    method=method, location=location, num_tokens=num_tokens,
                    chunks_total=chunks_total)
         with self._lock:
@@ -103,6 +86,10 @@ class EventTable:
         with self._lock:
             ev = self._events.get(event_id)
             return ev.to_dict() if ev else None
+
+    def get_many(self, event_ids: list[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {i: self._events[i].to_dict() for i in event_ids if i in self._events}
 
     def list(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         with self._lock:

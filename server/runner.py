@@ -1,39 +1,37 @@
-"""`kvctl serve`: controller, monitor and engine as uvicorn servers in one process."""
+"""`kvctl serve` and `kvctl worker`: uvicorn servers (and a heartbeat) in one process each."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from kvctl.server.app import create_app
+from kvctl.server.app import create_app, install_error_handlers
 from kvctl.server.config import ServerSettings
-from kvctl.server.routers import events
+from kvctl.server.routers import cluster, events
 from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
 
-def create_monitor_app(runtime: WorkerRuntime) -> FastAPI:
-    """Read-only views for dashboards and scrapers: metrics and events."""
-    from prometheus_client import CONTENT_TYPE_LATEST
+def create_monitor_app(controller_app: FastAPI) -> FastAPI:
+    """Where workers register (`controller_url` in their config) and dashboards read.
 
-    from kvctl.server.metrics import render_metrics
-
+    It serves the controller app's controller: events, workers, health, metrics.
+    """
     app = FastAPI(title="kvctl monitor")
-    app.state.runtime = runtime
+    app.state.parent = controller_app
     app.include_router(events.router)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        body = await asyncio.to_thread(render_metrics, runtime)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    app.include_router(cluster.router)
+    install_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -71,36 +69,181 @@ def _no_signal_capture() -> Iterator[None]:
     yield
 
 
-def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM. Raises OSError for a port that cannot be bound."""
-    import uvicorn
+def _url(host: str, sock: socket.socket) -> str:
+    return f"http://{host}:{_port(sock)}"
 
+
+def _warn_public(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the API has no authentication; anyone who can reach this "
+                    "address can read and delete cached KV", host)
+
+
+def _torch_threads(settings: ServerSettings) -> None:
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
 
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the API has no authentication; anyone who can reach this "
-                    "address can read and delete cached KV", settings.host)
-    runtime = WorkerRuntime(settings)
-    plan: list[tuple[str, FastAPI, socket.socket]] = []
-    try:
-        plan.append(("controller", create_app(settings, runtime=runtime),
-                     _bind(settings.host, settings.port, "controller")))
-        if settings.monitor_port is not None:
-            plan.append(("monitor", create_monitor_app(runtime),
-                         _bind(settings.host, settings.monitor_port, "monitor")))
-        if settings.model != "none":
-            from kvctl.server.engine import create_engine_app
 
-            plan.append(("engine", create_engine_app(runtime, settings.model),
-                         _bind(settings.host, settings.engine_port, "engine")))
+def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
+    """`kvctl serve`: the controller (with its embedded worker unless disabled), the monitor
+    and the engine. Serves until SIGINT/SIGTERM. Raises OSError for a port that cannot be
+    bound, StateUnavailable for a state Redis that cannot be reached."""
+    _torch_threads(settings)
+    _warn_public(settings.host)
+    _check_state(settings)
+    socks: list[tuple[str, socket.socket]] = []
+    try:
+        socks.append(("controller", _bind(settings.host, settings.port, "controller")))
+        if settings.monitor_port is not None:
+            socks.append(("monitor", _bind(settings.host, settings.monitor_port, "monitor")))
+        serve_engine = settings.model != "none" and settings.embedded_worker
+        if serve_engine:
+            socks.append(("engine", _bind(settings.host, settings.engine_port, "engine")))
     except OSError:
-        for _, _, s in plan:
-            s.close()
-        runtime.close()
+        for _, sk in socks:
+            sk.close()
         raise
+    # ports chosen by the OS (0) are known only now; the worker registers with real ones
+    settings = settings.model_copy(update={"port": _port(socks[0][1]),
+                                           "engine_port": _port(socks[-1][1]) if serve_engine
+                                           else settings.engine_port})
+    runtime = WorkerRuntime(settings) if settings.embedded_worker else None
+    controller_app = create_app(settings, runtime=runtime,
+                                self_url=_url(settings.public_host, socks[0][1]))
+    apps: dict[str, FastAPI] = {"controller": controller_app}
+    if settings.monitor_port is not None:
+        apps["monitor"] = create_monitor_app(controller_app)
+    if serve_engine:
+        from kvctl.server.engine import create_engine_app
+
+        apps["engine"] = create_engine_app(runtime, settings.model)  # type: ignore[arg-type]
+    try:
+        serve_apps([(name, apps[name], sk) for name, sk in socks], access_log)
+    finally:
+        if runtime is not None:
+            runtime.close()
+
+
+def _check_state(settings: ServerSettings) -> None:
+    """One clear error at start for a state Redis that is not there."""
+    if not settings.state:
+        return
+    from kvctl.server.controller import RedisState
+
+    async def ping() -> None:
+        st = RedisState(settings.state, settings.max_events, settings.event_retention_s)
+        try:
+            await st.ping()
+        finally:
+            await st.close()
+
+    asyncio.run(ping())
+
+
+def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
+    """`kvctl worker`: one instance (store, codec pool, engine unless model is none) that
+    registers with the controller(s) of its config and heartbeats until SIGINT/SIGTERM."""
+    from kvctl.server.worker_app import create_worker_app
+
+    _torch_threads(settings)
+    _warn_public(settings.host)
+    urls = settings.controller_urls
+    if not urls:
+        raise ValueError("a worker needs its controller's address: set controller_url (the "
+                         "controller's monitor port, host:port) in the config or pass "
+                         "--controller")
+    port = settings.worker_port
+    socks = [("worker", _bind(settings.host, port if port is not None else 0, "worker"))]
+    try:
+        if settings.model != "none":
+            socks.append(("engine", _bind(settings.host, settings.engine_port, "engine")))
+    except OSError:
+        socks[0][1].close()
+        raise
+    runtime = WorkerRuntime(settings)
+    plan: list[tuple[str, FastAPI, socket.socket]] = [
+        ("worker", create_worker_app(runtime), socks[0][1])]
+    engine_url = None
+    if settings.model != "none":
+        from kvctl.server.engine import create_engine_app
+
+        plan.append(("engine", create_engine_app(runtime, settings.model), socks[1][1]))
+        engine_url = _url(settings.public_host, socks[1][1])
+    beat = Heartbeat(runtime, urls, _url(settings.public_host, socks[0][1]), engine_url,
+                     settings.heartbeat_interval_s)
+    try:
+        serve_apps(plan, access_log, background=beat.run)
+    finally:
+        runtime.close()
+
+
+class Heartbeat:
+    """A worker's side of the registry: register, renew, re-register after an outage.
+
+    The worker keeps serving its engine whatever happens here; only the controller's view of
+    it depends on these calls.
+    """
+
+    def __init__(self, runtime: WorkerRuntime, controllers: list[str], url: str,
+                 engine_url: str | None, interval_s: float) -> None:
+        self.runtime = runtime
+        self.controllers = controllers
+        self.url = url
+        self.engine_url = engine_url
+        self.interval_s = interval_s
+        self.registered_with: str | None = None
+
+    async def run(self) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=httpx.Timeout(3.0, connect=1.0)) as http:
+            while True:
+                try:
+                    await self.beat(http)
+                except Exception:  # never let the loop die: the engine must keep serving
+                    log.exception("heartbeat failed")
+                await asyncio.sleep(self.interval_s)
+
+    async def beat(self, http: Any) -> None:
+        import httpx
+
+        info = await asyncio.to_thread(self.runtime.info)
+        body = {"instance_id": self.runtime.instance_id, "worker_id": self.runtime.worker_id,
+                "url": self.url, "engine_url": self.engine_url,
+                "chunk_size": info["chunk_size"], "locations": info["locations"],
+                "error_code": info["error_code"], "pid": os.getpid()}
+        path = "/workers/heartbeat" if self.registered_with else "/workers/register"
+        # the controller we are registered with first, then the others sharing its state
+        order = sorted(self.controllers, key=lambda u: u != self.registered_with)
+        errors = []
+        for base in order:
+            try:
+                r = await http.post(base + path, json=body)
+            except httpx.HTTPError as exc:
+                errors.append(f"{base}: {type(exc).__name__}")
+                continue
+            if r.status_code != 200:
+                errors.append(f"{base}: HTTP {r.status_code} {r.text[:200]}")
+                continue
+            reply = r.json()
+            self.interval_s = float(reply.get("heartbeat_interval_s", self.interval_s))
+            if self.registered_with != base:
+                log.info("instance %s registered with the controller at %s",
+                         self.runtime.instance_id, base)
+            self.registered_with = base
+            return
+        if self.registered_with is not None or not errors:
+            log.warning("no controller reachable (%s); still serving, will register again "
+                        "when one answers", "; ".join(errors))
+        self.registered_with = None
+
+
+def serve_apps(plan: list[tuple[str, FastAPI, socket.socket]], access_log: bool,
+               background: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run uvicorn servers (and a background coroutine) in one loop until SIGINT/SIGTERM."""
+    import uvicorn
 
     servers = []
     for name, app, sock in plan:
@@ -127,10 +270,14 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
         for name, _, sock in servers:
             host, port = sock.getsockname()[:2]
             print(f"kvctl {name:<10} http://{host}:{port}", file=sys.stderr, flush=True)
-        print("kvctl serve: press Ctrl-C to stop", file=sys.stderr, flush=True)
-        await asyncio.gather(*(srv.serve(sockets=[sock]) for _, srv, sock in servers))
+        print("kvctl: press Ctrl-C to stop", file=sys.stderr, flush=True)
+        bg = asyncio.create_task(background()) if background else None
+        try:
+            await asyncio.gather(*(srv.serve(sockets=[sock]) for _, srv, sock in servers))
+        finally:
+            if bg is not None:
+                bg.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await bg
 
-    try:
-        asyncio.run(main())
-    finally:
-        runtime.close()
+    asyncio.run(main())

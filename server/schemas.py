@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from kvctl.common.events import Event, Status
 
 TokenList = list[int]
 
@@ -50,15 +54,6 @@ class MoveRequest(_Body):
     should_copy: bool = False
 
 
-class HealthRequest(_Body):
-    instance_id: str
-
-
-class HealthResponse(BaseModel):
-    event_id: str
-    error_codes: dict[int, int]
-
-
 class WorkerInfoRequest(_Body):
     instance_id: str
     worker_ids: list[int] | None = None
@@ -77,15 +72,54 @@ class WorkerInfo(BaseModel):
     worker_id: int
     ip: str
     port: int
+    url: str
+    engine_url: str | None
     distributed_url: str | None
+    state: Literal["alive", "dead"]
+    error_code: int
     registration_time: float
     last_heartbeat_time: float
+    heartbeat_age_s: float
+    chunk_size: int
     locations: list[LocationInfo]
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerInfo]
+
+
+class HeartbeatRequest(_Body):
+    instance_id: str
+    worker_id: int = 0
+    url: str = Field(description="where the controller reaches the worker's command API")
+    engine_url: str | None = None
+    chunk_size: int = Field(ge=1)
+    locations: list[LocationInfo] = Field(default_factory=list, max_length=64)
+    error_code: int = 0
+    pid: int | None = None
+
+
+class HeartbeatResponse(BaseModel):
+    heartbeat_interval_s: float
+    dead_after_s: float
+    registered_at: float
+    controller_id: str
 
 
 class WorkerInfoResponse(BaseModel):
     event_id: str
     worker_infos: list[WorkerInfo]
+
+
+class HealthRequest(_Body):
+    instance_id: str
+
+
+class HealthResponse(BaseModel):
+    event_id: str
+    error_codes: dict[int, int] = Field(
+        description="per worker: 0 healthy, 1 a storage location failed, 2 dead/unreachable")
+    workers: list[WorkerInfo] = Field(default_factory=list)
 
 
 class CheckFinishRequest(_Body):
@@ -94,29 +128,11 @@ class CheckFinishRequest(_Body):
 
 class CheckFinishResponse(BaseModel):
     event_id: str
-    status: str
-
-
-class EventModel(BaseModel):
-    event_id: str
-    op: str
-    instance_id: str
-    method: str | None
-    location: str | None
-    status: str
-    num_tokens: int
-    chunks_total: int
-    chunks_done: int
-    bytes_before: int
-    bytes_after: int
-    error: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
+    status: Status
 
 
 class EventList(BaseModel):
-    events: list[EventModel]
+    events: list[Event]
 
 
 class CodecList(BaseModel):

@@ -1,23 +1,39 @@
 """The codec worker: owns the storage locations of one LMCache instance and runs jobs on them.
 
-Request handlers only validate and schedule; chunk work (decode, encode, store) runs on a
-bounded thread pool so the event loop keeps answering while codecs run.
+Request handlers only validate and schedule; each job runs on a bounded thread pool, and the
+codec work of a chunk (decode, then encode) runs in a separate process so that it never holds
+the interpreter lock of the process whose event loop answers requests.
+
+The worker raises domain errors (`kvctl.server.errors`); whoever serves it over HTTP maps them
+to statuses. It is the same object whether the controller reaches it in-process (`kvctl serve`)
+or over HTTP (`kvctl worker`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
 from kvctl.server.chunks import ChunkRef, chunk_refs
 from kvctl.server.config import ServerSettings
+from kvctl.server.errors import (
+    BadRequest,
+    ChecksumMismatch,
+    DomainError,
+    TooLarge,
+    UnknownInstance,
+    UnknownLocation,
+    UnknownMethod,
+)
 from kvctl.server.events import Event, EventTable
 from kvctl.server.storage import (
     LocalCPUBackend,
@@ -33,15 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvctl.server")
 
 RAW_METHOD = "raw"
-
-
-class RequestError(Exception):
-    """A request the worker refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 @dataclass
@@ -66,6 +73,50 @@ def build_backends(settings: ServerSettings) -> dict[str, StorageBackend]:
     return backends
 
 
+def checksum(blob: bytes) -> str:
+    """The digest a chunk travels with between workers."""
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def _init_codec_process(torch_threads: int) -> None:
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+
+def transcode_blob(blob: bytes, method: str, device: str) -> tuple[bytes, float]:
+    """Decode a chunk blob and encode it with ``method``; runs in a codec process.
+
+    Only bytes and strings cross the process boundary (the pool's own pipe between processes
+    this worker started); blobs are parsed by the codecs' format, never unpickled.
+    """
+    t0 = time.perf_counter()
+    new = codec_for_method(method).encode(decode_blob(blob, device=device))
+    return new, time.perf_counter() - t0
+
+
+def _warm_up_codecs() -> None:
+    """Compile (or load the cache of) the JIT coders, so the first real job does not pay."""
+    import torch
+
+    kv = torch.randn(1, 2, 4, 1, 8, dtype=torch.float16)
+    for method in ("cachegen", RAW_METHOD):
+        decode_blob(codec_for_method(method).encode(kv))
+
+
+def _codec_executor(settings: ServerSettings) -> Executor:
+    if settings.codec_pool == "thread":
+        return ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-codec")
+    # forkserver: children fork from a clean server that has already imported the codecs
+    # (no fork of a threaded parent, and no torch import per child).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["kvctl.codecs", "torch"])
+    return ProcessPoolExecutor(settings.codec_threads, mp_context=ctx,
+                               initializer=_init_codec_process,
+                               initargs=(settings.torch_threads or 1,))
+
+
 class WorkerRuntime:
     """One instance's KV store plus the pool that compresses and decompresses it."""
 
@@ -80,50 +131,41 @@ class WorkerRuntime:
         self.bytes_saved = 0
         self.started_at = time.time()
         self._stats_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-codec")
+        # Jobs: one thread per running codec job; the codec work itself goes to _codec.
+        self._pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-job")
+        self._codec = _codec_executor(settings)
         # clear/pin/move must not queue behind long codec jobs
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="kvctl-io")
         self._raw = get_codec(RAW_METHOD)
         self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
-        # JIT-compiled coders compile (or load their cache) on first use; do it now, on the
-        # pool, so the first real job does not pay for it.
-        self._pool.submit(self._warm_up)
-
-    def _warm_up(self) -> None:
-        import torch
-
-        kv = torch.randn(1, 2, 4, 1, 8, dtype=torch.float16)
-        try:
-            for method in ("cachegen", RAW_METHOD):
-                decode_blob(codec_for_method(method).encode(kv))
-        except Exception:  # never fatal: the first real job will report the real error
-            log.exception("codec warm-up failed")
+        for _ in range(settings.codec_threads):
+            self._codec.submit(_warm_up_codecs).add_done_callback(_log_warm_up)
 
     # ---- validation -------------------------------------------------------------------
     def check_instance(self, instance_id: str) -> None:
         if instance_id != self.instance_id:
-            raise RequestError(404, f"unknown instance_id {instance_id!r}; this controller "
-                                    f"serves {self.instance_id!r}")
+            raise UnknownInstance(f"unknown instance_id {instance_id!r}; this worker serves "
+                                  f"{self.instance_id!r}")
 
     def backend(self, location: str) -> StorageBackend:
         try:
             return self.backends[location]
         except KeyError:
             known = ", ".join(self.backends) or "none configured"
-            raise RequestError(404, f"unknown location {location!r}; configured locations: "
-                                    f"{known}") from None
+            raise UnknownLocation(f"unknown location {location!r}; configured locations: "
+                                  f"{known}") from None
 
     def codec(self, method: str) -> Any:
-        """The codec for a `method` string; an unknown one is a 400 listing the known ones."""
+        """The codec for a `method` string; an unknown one lists the known ones."""
         try:
             return codec_for_method(method)
         except CodecError as exc:
-            raise RequestError(400, str(exc)) from None
+            raise UnknownMethod(str(exc)) from None
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.settings.max_request_tokens:
-            raise RequestError(413, f"{len(tokens)} tokens is more than the "
-                                    f"{self.settings.max_request_tokens} a request may carry")
+            raise TooLarge(f"{len(tokens)} tokens is more than the "
+                           f"{self.settings.max_request_tokens} a request may carry")
 
     def refs(self, tokens: Sequence[int]) -> list[ChunkRef]:
         return chunk_refs(tokens, self.settings.chunk_size)
@@ -140,15 +182,16 @@ class WorkerRuntime:
     # ---- scheduling -------------------------------------------------------------------
     def _schedule(self, pool: ThreadPoolExecutor, op: str, instance_id: str, method: str | None,
                   location: str | None, refs: list[ChunkRef],
-                  job: Callable[[Event, list[ChunkRef]], None]) -> Event:
+                  job: Callable[[Event, list[ChunkRef]], None], event_id: str | None) -> Event:
         ev = self.events.create(op, instance_id, method, location,
-                                num_tokens=refs[-1].end if refs else 0, chunks_total=len(refs))
+                                num_tokens=refs[-1].end if refs else 0, chunks_total=len(refs),
+                                event_id=event_id)
 
         def run() -> None:
             self.events.start(ev)
             try:
                 job(ev, refs)
-            except (CodecError, StorageError, RequestError) as exc:
+            except (CodecError, StorageError, DomainError) as exc:
                 self.events.finish(ev, error=str(exc))
             except Exception as exc:  # a bug: keep the worker alive, say what happened
                 log.exception("%s %s failed", op, ev.event_id)
@@ -159,18 +202,19 @@ class WorkerRuntime:
         pool.submit(run)
         return ev
 
-    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
-                 ) -> Event:
+    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
+                 event_id: str | None = None) -> Event:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
         codec = self.codec(method)
         backend = self.backend(location)
         refs = self.matched(backend, tokens)
         return self._schedule(self._pool, "compress", instance_id, method, location, refs,
-                              lambda ev, rs: self._transcode(ev, rs, backend, codec, "compress"))
+                              lambda ev, rs: self._transcode(ev, rs, backend, codec, method,
+                                                             "compress"), event_id)
 
-    def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
-                   ) -> Event:
+    def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
+                   event_id: str | None = None) -> Event:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
         self.codec(method)  # an unknown method is refused before anything is scheduled
@@ -178,10 +222,10 @@ class WorkerRuntime:
         refs = self.matched(backend, tokens)
         return self._schedule(self._pool, "decompress", instance_id, method, location, refs,
                               lambda ev, rs: self._transcode(ev, rs, backend, self._raw,
-                                                             "decompress"))
+                                                             RAW_METHOD, "decompress"), event_id)
 
     def _transcode(self, ev: Event, refs: list[ChunkRef], backend: StorageBackend, target: Any,
-                   op: str) -> None:
+                   target_method: str, op: str) -> None:
         """Re-encode each chunk with ``target`` (the raw codec when decompressing)."""
         method = ev.method or target.name
         for i, ref in enumerate(refs):
@@ -195,10 +239,8 @@ class WorkerRuntime:
             if info.codec == target.name and info.params == target.params:
                 self.events.progress(ev, len(blob), len(blob))
                 continue
-            t0 = time.perf_counter()
-            kv = decode_blob(blob, device=self.device)
-            new = target.encode(kv)
-            elapsed = time.perf_counter() - t0
+            new, elapsed = self._codec.submit(transcode_blob, blob, target_method,
+                                              self.device).result()
             backend.put(ref.key, new, ref.num_tokens)
             with self._stats_lock:
                 k = (op, method)
@@ -208,10 +250,10 @@ class WorkerRuntime:
                     self.bytes_saved += len(blob) - len(new)
             self.events.progress(ev, len(blob), len(new))
 
-    def clear(self, instance_id: str, location: str) -> Event:
+    def clear(self, instance_id: str, location: str, event_id: str | None = None) -> Event:
         self.check_instance(instance_id)
         backend = self.backend(location)
-        ev = self.events.create("clear", instance_id, None, location, 0, 0)
+        ev = self.events.create("clear", instance_id, None, location, 0, 0, event_id=event_id)
 
         def run() -> None:
             self.events.start(ev)
@@ -229,8 +271,8 @@ class WorkerRuntime:
         self._io_pool.submit(run).result()
         return ev
 
-    def pin(self, instance_id: str, location: str, tokens: Sequence[int], pinned: bool = True
-            ) -> Event:
+    def pin(self, instance_id: str, location: str, tokens: Sequence[int], pinned: bool = True,
+            event_id: str | None = None) -> Event:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
         backend = self.backend(location)
@@ -242,17 +284,18 @@ class WorkerRuntime:
                     self.events.progress(ev, 0, 0)
 
         return self._schedule(self._io_pool, "pin" if pinned else "unpin", instance_id, None,
-                              location, refs, job)
+                              location, refs, job, event_id)
 
     def move(self, old: tuple[str, str], new: tuple[str, str], tokens: Sequence[int],
-             should_copy: bool) -> Event:
+             should_copy: bool, event_id: str | None = None) -> Event:
+        """Move between two locations of this instance (the controller handles cross-instance)."""
         self.check_instance(old[0])
         self.check_instance(new[0])
         self.check_tokens(tokens)
         src, dst = self.backend(old[1]), self.backend(new[1])
         if src is dst:
-            raise RequestError(400, f"old_position and new_position are both {old[1]!r}; "
-                                    "nothing to move")
+            raise BadRequest(f"old_position and new_position are both {old[1]!r}; "
+                             "nothing to move")
         refs = self.matched(src, tokens)
 
         def job(ev: Event, rs: list[ChunkRef]) -> None:
@@ -267,7 +310,7 @@ class WorkerRuntime:
                 self.events.progress(ev, len(blob), len(blob))
 
         return self._schedule(self._io_pool, "move", old[0], None, f"{old[1]}->{new[1]}", refs,
-                              job)
+                              job, event_id)
 
     def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
         self.check_tokens(tokens)
@@ -278,6 +321,59 @@ class WorkerRuntime:
             if n and (best is None or n > best[1]):
                 best = (name, n)
         return {self.instance_id: [best[0], best[1]]} if best else {}
+
+    # ---- chunks crossing instances (cross-instance /move) ----------------------------
+    def chunk_plan(self, location: str, tokens: Sequence[int]) -> list[dict[str, Any]]:
+        """Keys and token counts of the stored prefix of ``tokens`` in ``location``."""
+        self.check_tokens(tokens)
+        backend = self.backend(location)
+        return [{"key": r.key, "num_tokens": r.num_tokens}
+                for r in self.matched(backend, tokens)]
+
+    def export_chunk(self, location: str, key: str) -> tuple[bytes, int]:
+        """A chunk's blob and the tokens it covers; StorageError if it is gone."""
+        backend = self.backend(location)
+        blob = backend.get(key)
+        if blob is None:
+            raise StorageError(f"chunk {key} is not in {location} (evicted or cleared)")
+        return blob, backend.num_tokens(key)
+
+    def import_chunk(self, location: str, key: str, blob: bytes, num_tokens: int,
+                     digest: str) -> str:
+        """Store a chunk sent by another worker after checking it arrived intact."""
+        got = checksum(blob)
+        if got != digest:
+            raise ChecksumMismatch(f"chunk {key}: received bytes hash to {got}, the sender "
+                                   f"sent {digest}; nothing stored")
+        try:
+            peek_blob(blob)
+        except CodecError as exc:
+            raise BadRequest(f"chunk {key} is not a kvctl blob: {exc}") from None
+        self.backend(location).put(key, blob, num_tokens)
+        return got
+
+    def delete_chunk(self, location: str, key: str) -> int:
+        return self.backend(location).delete(key)
+
+    # ---- status ------------------------------------------------------------------------
+    def locations(self) -> tuple[list[dict[str, Any]], int]:
+        """Stats per location and an error code: 0 healthy, 1 a location is unreachable."""
+        out, code = [], 0
+        for name, backend in self.backends.items():
+            try:
+                s = backend.stats()
+            except Exception:  # an unreachable Redis is reported, not raised
+                code = 1
+                continue
+            out.append({"location": name, "chunks": s.chunks, "bytes": s.bytes,
+                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks})
+        return out, code
+
+    def info(self) -> dict[str, Any]:
+        locs, code = self.locations()
+        return {"instance_id": self.instance_id, "worker_id": self.worker_id,
+                "chunk_size": self.settings.chunk_size, "started_at": self.started_at,
+                "error_code": code, "locations": locs, "queue_depth": self.queue_depth()}
 
     # ---- the engine's side ----------------------------------------------------------
     def store_kv(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None
@@ -330,8 +426,15 @@ class WorkerRuntime:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._io_pool.shutdown(wait=True, cancel_futures=True)
+        self._codec.shutdown(wait=True, cancel_futures=True)
         for b in self.backends.values():
             b.close()
+
+
+def _log_warm_up(fut: Any) -> None:
+    # never fatal: the first real job will report the real error
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("codec warm-up failed: %s", fut.exception())
 
 
 def _pick_device(pref: str) -> str:

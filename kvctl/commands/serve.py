@@ -24,7 +24,14 @@ def serve(
         help="Engine model: smollm2 (embedded), a local directory or .gguf file, or 'none' for "
              "no engine. [default: smollm2]")] = None,
     codec_threads: Annotated[int | None, typer.Option(
-        help="Codec jobs run at once. [default: 1]")] = None,
+        help="Codec jobs run at once, each in a process of its own. [default: 1]")] = None,
+    state: Annotated[str | None, typer.Option(
+        help="redis://HOST:PORT[/DB]: keep events and the worker registry in Redis, shared "
+             "by every controller that names it. [default: in memory]")] = None,
+    worker: Annotated[bool | None, typer.Option(
+        "--worker/--no-worker",
+        help="Run an instance (store, codecs, engine) in this process; --no-worker makes a "
+             "pure controller for `kvctl worker` processes. [default: --worker]")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
 ) -> None:
     """Run the controller, the codec worker and the inference engine in one process."""
@@ -34,13 +41,15 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     overrides = {"host": host, "port": port, "monitor_port": monitor_port,
-                 "engine_port": engine_port, "model": model, "codec_threads": codec_threads}
+                 "engine_port": engine_port, "model": model, "codec_threads": codec_threads,
+                 "state": state, "embedded_worker": worker}
     try:
         settings = build_settings(config, overrides)
     except ConfigError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
 
+    from kvctl.server.errors import DomainError
     from kvctl.server.runner import run_stack
     from kvctl.server.storage import StorageError
 
@@ -48,4 +57,7 @@ def serve(
         run_stack(settings, access_log=access_log)
     except (OSError, StorageError) as exc:
         typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except DomainError as exc:
+        typer.echo(f"Error: {exc.detail}", err=True)
         raise typer.Exit(1) from None

@@ -4,41 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 
-from kvctl.server.events import FAILED, FINISHED, QUEUED, RUNNING
-from kvctl.server.schemas import CheckFinishRequest, CheckFinishResponse, EventList, EventModel
+from kvctl.common.events import STATUS_PATTERN, Event
+from kvctl.server.routers.cache import controller
+from kvctl.server.schemas import CheckFinishRequest, CheckFinishResponse, EventList
 
 router = APIRouter(tags=["events"])
-
-
-def _get(request: Request, event_id: str) -> dict:
-    ev = request.app.state.runtime.events.get(event_id)
-    if ev is None:
-        raise HTTPException(404, f"unknown event_id {event_id!r} (events are kept in memory "
-                                 "and forgotten when the server restarts)")
-    return ev
 
 
 @router.post("/check_finish", response_model=CheckFinishResponse)
 async def check_finish(body: CheckFinishRequest, request: Request) -> CheckFinishResponse:
     """Status of an event: queued, running, finished or failed."""
-    ev = _get(request, body.event_id)
-    return CheckFinishResponse(event_id=ev["event_id"], status=ev["status"])
+    ev = await controller(request).get_event(body.event_id)
+    return CheckFinishResponse(event_id=ev.event_id, status=ev.status)
 
 
 @router.get("/events", response_model=EventList)
 async def list_events(
     request: Request,
-    status: Annotated[str | None, Query(pattern=f"^({QUEUED}|{RUNNING}|{FINISHED}|{FAILED})$")
-                      ] = None,
+    status: Annotated[str | None, Query(pattern=STATUS_PATTERN)] = None,
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
 ) -> EventList:
     """Recent events, oldest first."""
-    return EventList(events=request.app.state.runtime.events.list(status, limit))
+    return EventList(events=await controller(request).list_events(status, limit))
 
 
-@router.get("/events/{event_id}", response_model=EventModel)
-async def get_event(event_id: str, request: Request) -> dict:
+@router.get("/events/{event_id}", response_model=Event)
+async def get_event(event_id: str, request: Request) -> Event:
     """The whole event: progress, bytes before and after, error, timestamps."""
-    return _get(request, event_id)
+    return await controller(request).get_event(event_id)

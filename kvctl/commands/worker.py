@@ -1,0 +1,60 @@
+"""`kvctl worker`: one instance as a process of its own, registered with a controller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def worker(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", envvar="LMCACHE_CONFIG_FILE", dir_okay=False,
+        help="LMCache-style YAML config: lmcache_instance_id, controller_url (the "
+             "controller's monitor port), lmcache_worker_port, storage tiers.")] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Address to bind. Default 127.0.0.1.")] = None,
+    worker_port: Annotated[int | None, typer.Option(
+        help="Port of the controller's commands. [default: lmcache_worker_port(s)]")] = None,
+    engine_port: Annotated[int | None, typer.Option(
+        help="Inference engine port (OpenAI API). [default: 8000]")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Engine model: smollm2, a local directory or .gguf file, or 'none'. "
+             "[default: smollm2]")] = None,
+    instance_id: Annotated[str | None, typer.Option(
+        help="Instance id. [default: lmcache_instance_id]")] = None,
+    controller: Annotated[str | None, typer.Option(
+        help="Controller address(es), host:port, comma-separated. [default: controller_url]"
+    )] = None,
+    codec_threads: Annotated[int | None, typer.Option(
+        help="Codec jobs run at once, each in a process of its own. [default: 1]")] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+) -> None:
+    """Run one instance (store, codec pool, engine) that a `kvctl serve` controller routes to."""
+    import logging
+
+    from kvctl.server.config import ConfigError, build_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    overrides = {"host": host, "lmcache_worker_port": worker_port, "engine_port": engine_port,
+                 "model": model, "lmcache_instance_id": instance_id,
+                 "controller_url": controller, "codec_threads": codec_threads}
+    if worker_port is not None:
+        overrides["lmcache_worker_ports"] = worker_port
+    if controller is not None:
+        overrides["controller_pull_url"] = controller
+    try:
+        settings = build_settings(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    from kvctl.server.runner import run_worker
+    from kvctl.server.storage import StorageError
+
+    try:
+        run_worker(settings, access_log=access_log)
+    except (OSError, StorageError, ValueError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,46 @@
+"""The controller's /metrics: its embedded worker's (if any) plus one gauge set per worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvctl.server.metrics import RuntimeCollector
+from kvctl.server.worker import WorkerRuntime
+
+
+class WorkersCollector(Collector):
+    def __init__(self, views: list[dict[str, Any]]) -> None:
+        self.views = views
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("kvctl_worker_up", "1 if the worker heartbeats, else 0",
+                               labels=["instance_id"])
+        age = GaugeMetricFamily("kvctl_worker_heartbeat_age_seconds",
+                                "Seconds since the worker's last heartbeat",
+                                labels=["instance_id"])
+        chunks = GaugeMetricFamily("kvctl_worker_chunks", "Chunks held per worker and location",
+                                   labels=["instance_id", "location"])
+        nbytes = GaugeMetricFamily("kvctl_worker_bytes", "Bytes held per worker and location",
+                                   labels=["instance_id", "location"])
+        for v in self.views:
+            iid = v["instance_id"]
+            up.add_metric([iid], 1.0 if v["state"] == "alive" else 0.0)
+            age.add_metric([iid], v["heartbeat_age_s"])
+            for loc in v["locations"]:
+                chunks.add_metric([iid, loc["location"]], loc["chunks"])
+                nbytes.add_metric([iid, loc["location"]], loc["bytes"])
+        yield from (up, age, chunks, nbytes)
+
+
+def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]]
+                              ) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    if runtime is not None:
+        registry.register(RuntimeCollector(runtime))
+    registry.register(WorkersCollector(views))
+    return generate_latest(registry)

@@ -1,0 +1,149 @@
+"""How the controller reaches a worker: one interface, two transports.
+
+`InProcessTransport` calls the worker object of `kvctl serve` directly; `HttpTransport` talks
+to a `kvctl worker` process. Both dispatch through `kvctl.server.worker_ops.WORKER_OPS`, both
+raise the worker's domain errors as the same classes, and an unreachable or slow worker is a
+`WorkerUnavailable` after at most the configured timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import Any
+
+import httpx
+
+from kvctl.codecs import CodecError
+from kvctl.server.errors import (
+    BadRequest,
+    DomainError,
+    StoreUnavailable,
+    WorkerUnavailable,
+    error_from_kind,
+)
+from kvctl.server.storage import StorageError
+from kvctl.server.worker import WorkerRuntime, checksum
+from kvctl.server.worker_ops import INLINE_OPS, WORKER_OPS
+
+# Chunk bytes travel as the body; what they are travels in these headers.
+NUM_TOKENS_HEADER = "x-kvctl-num-tokens"
+CHECKSUM_HEADER = "x-kvctl-checksum"
+
+
+class WorkerTransport(ABC):
+    """A channel to one worker."""
+
+    url: str
+
+    @abstractmethod
+    async def call(self, op: str, body: dict[str, Any]) -> Any:
+        """Run a command of `WORKER_OPS` on the worker and return its JSON-able result."""
+
+    @abstractmethod
+    async def get_chunk(self, location: str, key: str) -> tuple[bytes, int, str]:
+        """A stored chunk: its blob, the tokens it covers, the sender's checksum."""
+
+    @abstractmethod
+    async def put_chunk(self, location: str, key: str, blob: bytes, num_tokens: int,
+                        digest: str) -> str:
+        """Store a chunk; the worker checks ``digest`` and returns the digest it computed."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def _worker_error(exc: Exception) -> DomainError:
+    """Storage and codec failures inside a worker, as domain errors."""
+    if isinstance(exc, StorageError):
+        return StoreUnavailable(str(exc))
+    if isinstance(exc, CodecError):
+        return BadRequest(str(exc))
+    raise exc
+
+
+class InProcessTransport(WorkerTransport):
+    """The worker embedded in `kvctl serve`, called directly."""
+
+    def __init__(self, runtime: WorkerRuntime, url: str) -> None:
+        self.runtime = runtime
+        self.url = url
+
+    async def call(self, op: str, body: dict[str, Any]) -> Any:
+        fn = WORKER_OPS[op]
+        try:
+            if op in INLINE_OPS:
+                return fn(self.runtime, body)
+            # Checking which chunks a location holds may be network I/O (Redis): off the loop.
+            return await asyncio.to_thread(fn, self.runtime, body)
+        except (StorageError, CodecError) as exc:
+            raise _worker_error(exc) from None
+
+    async def get_chunk(self, location: str, key: str) -> tuple[bytes, int, str]:
+        try:
+            blob, ntok = await asyncio.to_thread(self.runtime.export_chunk, location, key)
+        except StorageError as exc:
+            raise _worker_error(exc) from None
+        return blob, ntok, await asyncio.to_thread(checksum, blob)
+
+    async def put_chunk(self, location: str, key: str, blob: bytes, num_tokens: int,
+                        digest: str) -> str:
+        try:
+            return await asyncio.to_thread(self.runtime.import_chunk, location, key, blob,
+                                           num_tokens, digest)
+        except StorageError as exc:
+            raise _worker_error(exc) from None
+
+
+class HttpTransport(WorkerTransport):
+    """A `kvctl worker` process, over its HTTP command API (`kvctl.server.worker_app`)."""
+
+    def __init__(self, url: str, instance_id: str, timeout_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.instance_id = instance_id
+        # connect fails fast (a dead worker's port refuses at once); reads get the budget.
+        self._http = httpx.AsyncClient(
+            base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=min(1.0, timeout_s)),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+
+    def _unavailable(self, what: str, exc: Exception) -> WorkerUnavailable:
+        reason = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
+        return WorkerUnavailable(f"the worker of instance {self.instance_id!r} at {self.url} "
+                                 f"did not answer {what} ({reason})")
+
+    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = await self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise self._unavailable(path, exc) from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"detail": r.text[:300]}
+            detail = body.get("detail") if isinstance(body, dict) else None
+            kind = body.get("kind") if isinstance(body, dict) else None
+            if kind is None and r.status_code >= 500:
+                raise WorkerUnavailable(f"the worker of instance {self.instance_id!r} at "
+                                        f"{self.url} failed on {path} (HTTP {r.status_code}): "
+                                        f"{detail}")
+            raise error_from_kind(kind, str(detail or f"HTTP {r.status_code} from {path}"))
+        return r
+
+    async def call(self, op: str, body: dict[str, Any]) -> Any:
+        return (await self._send("POST", f"/worker/ops/{op}", json=body)).json()
+
+    async def get_chunk(self, location: str, key: str) -> tuple[bytes, int, str]:
+        r = await self._send("GET", f"/worker/chunks/{location}/{key}")
+        return r.content, int(r.headers[NUM_TOKENS_HEADER]), r.headers[CHECKSUM_HEADER]
+
+    async def put_chunk(self, location: str, key: str, blob: bytes, num_tokens: int,
+                        digest: str) -> str:
+        r = await self._send("PUT", f"/worker/chunks/{location}/{key}", content=blob,
+                             headers={NUM_TOKENS_HEADER: str(num_tokens),
+                                      CHECKSUM_HEADER: digest,
+                                      "content-type": "application/octet-stream"})
+        return str(r.json()["checksum"])
+
+    async def close(self) -> None:
+        await self._http.aclose()
