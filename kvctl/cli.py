@@ -20,6 +20,7 @@ from kvctl.commands.bench import bench
 from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.commands.worker import worker
+from kvctl.commands.workers import workers
 from kvctl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, KvctlError
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
@@ -109,7 +110,7 @@ app.add_typer(events.app, name="events", rich_help_panel="Cache")
 for fn in (cache.lookup, cache.pin, cache.unpin, cache.move, cache.clear):
     app.command(rich_help_panel="Cache")(fn)
 app.command(rich_help_panel="Tokens")(tokenize)
-for fn in (cluster.health, cluster.workers, cluster.codecs):
+for fn in (cluster.health, workers, cluster.codecs):
     app.command(rich_help_panel="Cluster")(fn)
 app.command(rich_help_panel="Server")(serve)
 app.command(rich_help_panel="Server")(worker)

@@ -13,10 +13,11 @@ from typing import Any
 
 import httpx
 
+from kvctl.common.events import ENDED
 from kvctl.errors import KvctlError
 from kvctl.settings import Settings
 
-ENDED = ("finished", "failed")
+__all__ = ["ENDED", "ControllerClient", "ControllerError", "UntrackedEvents"]
 
 HttpFactory = Callable[[str, float], httpx.Client]
 _http_factory: HttpFactory | None = None
@@ -170,6 +171,18 @@ class ControllerClient:
         if worker_ids:
             body["worker_ids"] = list(worker_ids)
         return self._post("/query_worker_info", body)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every registered worker (kvctl's controller; upstream LMCache's has no /workers)."""
+        try:
+            reply = self.request("GET", "/workers")
+        except ControllerError as exc:
+            if _route_missing(exc):
+                raise KvctlError(f"the controller at {self.base_url} does not list its workers "
+                                 "(upstream LMCache's has no /workers; `kvctl serve` does); "
+                                 "use `kvctl health`") from None
+            raise
+        return list(reply.get("workers", []))
 
     def codecs(self) -> dict[str, Any]:
         try:

@@ -176,8 +176,8 @@ def test_health_workers_codecs(cli_server):
     assert r.exit_code == 0 and "healthy" in r.stdout
     r = kvctl("workers", "--json")
     assert r.exit_code == 0
-    [w] = json.loads(r.stdout)["worker_infos"]
-    assert w["instance_id"] == INSTANCE
+    [w] = json.loads(r.stdout)["workers"]
+    assert w["instance_id"] == INSTANCE and w["state"] == "alive"
     r = kvctl("workers")
     assert r.exit_code == 0 and "LocalCPUBackend" in r.stdout
     r = kvctl("codecs", "--json")

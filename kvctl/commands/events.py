@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from kvctl import output
-from kvctl.client import ENDED, ControllerClient, UntrackedEvents
+from kvctl.client import ControllerClient, UntrackedEvents
 from kvctl.commands._common import POLL_SECONDS, connect
+from kvctl.common.events import ENDED, STATUSES
 from kvctl.errors import EXIT_INTERRUPTED, KvctlError, UsageError
 from kvctl.options import ControllerOpt, JsonOpt, TimeoutOpt
 from kvctl.settings import resolve
@@ -17,18 +18,34 @@ from kvctl.settings import resolve
 app = typer.Typer(help="Follow compress/decompress/move/... events on the controller.",
                   no_args_is_help=True)
 
-STATUSES = ("queued", "running", "finished", "failed")
 
 
-def _initial(client: ControllerClient, ids: list[str], watch_all: bool) -> dict[str, Any]:
+NEW_EVENTS_WINDOW = 200  # recent events listed per poll to spot new ones
+
+
+def _initial(client: ControllerClient, ids: list[str], watch_all: bool
+             ) -> tuple[dict[str, Any], set[str]]:
+    """The events to follow now, and every id the controller listed (to tell new ones)."""
     events: dict[str, Any] = {}
+    seen: set[str] = set()
     if watch_all:
         for ev in client.events():
+            seen.add(ev["event_id"])
             if ev.get("status") not in ENDED:
                 events[ev["event_id"]] = ev
     for event_id in ids:
         events[event_id] = client.event(event_id)
-    return events
+    return events, seen
+
+
+def _new_events(client: ControllerClient, seen: set[str]) -> dict[str, Any]:
+    """Events created since the watch started (ended ones too: they are news)."""
+    fresh = {}
+    for ev in client.events(limit=NEW_EVENTS_WINDOW):
+        if ev["event_id"] not in seen:
+            seen.add(ev["event_id"])
+            fresh[ev["event_id"]] = ev
+    return fresh
 
 
 @app.command()
@@ -36,7 +53,8 @@ def watch(
     event_ids: Annotated[list[str] | None, typer.Argument(
         metavar="[ID]...", show_default=False, help="Events to follow.")] = None,
     watch_all: Annotated[bool, typer.Option(
-        "--all", "-a", help="Also follow every event queued or running now.")] = False,
+        "--all", "-a", help="Also follow every event queued or running now, and those "
+                            "created while watching.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Draw the table on stderr; print the ended events as JSON.")] = False,
     controller: ControllerOpt = None,
@@ -50,7 +68,7 @@ def watch(
         raise UsageError("name the events to watch (kvctl events watch ID ...) or pass --all")
     with connect(resolve(controller, timeout)) as client:
         try:
-            events = _initial(client, ids, watch_all)
+            events, seen = _initial(client, ids, watch_all)
         except UntrackedEvents as exc:
             output.note(exc.message)
             return
@@ -70,6 +88,8 @@ def watch(
                     time.sleep(POLL_SECONDS)
                     for event_id in pending:
                         events[event_id] = client.event(event_id)
+                    if watch_all:
+                        events.update(_new_events(client, seen))
                     live.update(output.events_table(events.values()), refresh=True)
         except KeyboardInterrupt:
             raise KvctlError("stopped watching; the events keep running on the controller",

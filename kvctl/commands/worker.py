@@ -37,6 +37,8 @@ def worker(
     from kvctl.server.config import ConfigError, build_settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    # one line per heartbeat would bury everything else
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     overrides = {"host": host, "lmcache_worker_port": worker_port, "engine_port": engine_port,
                  "model": model, "lmcache_instance_id": instance_id,
                  "controller_url": controller, "codec_threads": codec_threads}
