@@ -1,25 +1,41 @@
-"""How fast the controller acknowledges /compress while a codec job is running.
+"""Acknowledgement latency of the controller under 50 concurrent clients while codecs run.
 
-Starts a real `kvctl serve` on loopback ports, lets the engine fill the store with the KV of
-a few long prompts, starts compressing one of them, and while that job is `running` times
-more /compress requests over HTTP. Usage: python benchmarks/ack_latency.py [--requests 50]
+Starts real processes on loopback ports, fills each instance's store through its engine with
+the KV of a few long prompts, keeps codec jobs running in the background (a long prompt
+compressed, decompressed, compressed again, ...) and meanwhile runs N concurrent clients,
+each sending a random mix of /compress, /decompress, /lookup and /check_finish with a random
+pause between its requests. Every request is timed from send to reply.
+
+Topologies (``--topology``):
+- ``serve``: one `kvctl serve` (controller + embedded worker + engine);
+- ``serve-threads``: the same with codec work on threads of the serving process
+  (``codec_pool: thread``), to measure what the process pool buys;
+- ``cluster``: `kvctl serve --model none --no-worker` and two `kvctl worker` processes.
+
+Usage: python benchmarks/ack_latency.py --topology serve [--clients 50] [--seconds 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import platform
+import random
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
+import yaml
 
-INSTANCE = "lmcache_default_instance"
+OPS = ("compress", "decompress", "lookup", "check_finish")
 
 
 def free_port() -> int:
@@ -28,11 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"kvctl serve exited with {proc.returncode}")
+        for p in procs:
+            if p.poll() is not None:
+                sys.exit(f"{p.args} exited with {p.returncode}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -42,59 +59,223 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     sys.exit(f"{url} not ready")
 
 
+def start(topology: str, tmp: Path) -> tuple[str, dict[str, str], list[subprocess.Popen]]:
+    """Controller URL, engine URL per instance, the processes."""
+    env = dict(os.environ, KVCTL_DEVICE="cpu")
+    out = subprocess.DEVNULL
+    kvctl = [sys.executable, "-m", "kvctl"]
+    cport, mport = free_port(), free_port()
+    ctl = f"http://127.0.0.1:{cport}"
+    if topology in ("serve", "serve-threads"):
+        eport = free_port()
+        cfg = tmp / "serve.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "codec_pool": "thread" if topology == "serve-threads" else "process",
+            "torch_threads": 1}))
+        proc = subprocess.Popen([*kvctl, "serve", "--config", str(cfg), "--port", str(cport),
+                                 "--monitor-port", str(mport), "--engine-port", str(eport)],
+                                stdout=out, stderr=out, env=env)
+        engines = {"lmcache_default_instance": f"http://127.0.0.1:{eport}"}
+        return ctl, engines, [proc]
+    procs = [subprocess.Popen([*kvctl, "serve", "--model", "none", "--no-worker", "--port",
+                               str(cport), "--monitor-port", str(mport)],
+                              stdout=out, stderr=out, env=env)]
+    engines = {}
+    for iid in ("bench-a", "bench-b"):
+        wport, eport = free_port(), free_port()
+        cfg = tmp / f"{iid}.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "lmcache_instance_id": iid, "controller_url": f"127.0.0.1:{mport}",
+            "lmcache_worker_port": wport, "torch_threads": 1}))
+        procs.append(subprocess.Popen([*kvctl, "worker", "--config", str(cfg),
+                                       "--engine-port", str(eport)],
+                                      stdout=out, stderr=out, env=env))
+        engines[iid] = f"http://127.0.0.1:{eport}"
+    return ctl, engines, procs
+
+
+def fill(engines: dict[str, str]) -> dict[str, list[list[int]]]:
+    """Three ~1,700-token prompts per instance, stored by its engine."""
+    prompts: dict[str, list[list[int]]] = {}
+    with httpx.Client(timeout=600) as c:
+        for iid, eng in engines.items():
+            prompts[iid] = []
+            for i in range(3):
+                text = (f"Report {i} from {iid}: the river rose through the night and the "
+                        "town council met at dawn to decide which roads to close and which "
+                        "to keep open. ") * 60
+                c.post(f"{eng}/v1/completions", json={"prompt": text, "max_tokens": 1})
+                prompts[iid].append(c.post(f"{eng}/tokenize", json={"prompt": text}
+                                           ).json()["tokens"])
+    return prompts
+
+
+def body(iid: str, tokens: list[int]) -> dict:
+    return {"instance_id": iid, "method": "cachegen", "location": "LocalCPUBackend",
+            "tokens": tokens}
+
+
+async def keep_codecs_busy(ctl: str, prompts: dict[str, list[list[int]]], stop: asyncio.Event,
+                           ended: list[dict]) -> None:
+    """Compress, then decompress, then compress ... prompt 0 of each instance, back to back."""
+    async with httpx.AsyncClient(timeout=60) as c:
+        async def cycle(iid: str) -> None:
+            op = "compress"
+            while not stop.is_set():
+                eid = (await c.post(f"{ctl}/{op}", json=body(iid, prompts[iid][0]))
+                       ).json()["event_id"]
+                while True:
+                    ev = (await c.get(f"{ctl}/events/{eid}")).json()
+                    if ev["status"] in ("finished", "failed"):
+                        ended.append(ev)
+                        break
+                    await asyncio.sleep(0.05)
+                op = "decompress" if op == "compress" else "compress"
+
+        await asyncio.gather(*(cycle(iid) for iid in prompts))
+
+
+class Conn:
+    """A keep-alive HTTP/1.1 connection with next to no client-side work per request.
+
+    On a small machine an HTTP library's own per-request CPU would be measured as server
+    latency; this one writes prepared bytes and reads one Content-Length body.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, payload: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            sock = self.writer.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self.reader is not None
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                          b"\r\nContent-Length: %d\r\n\r\n%s"
+                          % (path.encode(), self.host.encode(), len(payload), payload))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def client(ctl: str, prompts: dict[str, list[list[int]]], seconds: float, pause: float,
+                 rng: random.Random, samples: list[tuple[str, float]], errors: list[str]
+                 ) -> None:
+    iids = list(prompts)
+    host, port = ctl.removeprefix("http://").split(":")
+    conn = Conn(host, int(port))
+    # bodies prepared once: prompts 1 and 2 (prompt 0 belongs to the background cycle)
+    prepared = {(op, iid, k): json.dumps({"tokens": prompts[iid][k]} if op == "lookup"
+                                         else body(iid, prompts[iid][k])).encode()
+                for op in ("compress", "decompress", "lookup") for iid in iids for k in (1, 2)}
+    last_event: str | None = None
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(rng.expovariate(1 / pause))
+            op = rng.choice(OPS)
+            if op == "check_finish" and last_event is None:
+                op = "lookup"
+            payload = (json.dumps({"event_id": last_event}).encode() if op == "check_finish"
+                       else prepared[(op, rng.choice(iids), rng.choice((1, 2)))])
+            t0 = time.perf_counter()
+            status, reply = await conn.post(f"/{op}", payload)
+            samples.append((op, (time.perf_counter() - t0) * 1000))
+            if status != 200:
+                errors.append(f"{op}: HTTP {status} {reply[:200]!r}")
+            elif op in ("compress", "decompress"):
+                last_event = json.loads(reply)["event_id"]
+    finally:
+        conn.close()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)
+
+
+async def measure(ctl: str, prompts: dict[str, list[list[int]]], clients: int, seconds: float,
+                  pause: float, seed: int) -> dict:
+    stop = asyncio.Event()
+    ended: list[dict] = []
+    busy = asyncio.create_task(keep_codecs_busy(ctl, prompts, stop, ended))
+    await asyncio.sleep(1.0)  # the first background jobs are running
+    samples: list[tuple[str, float]] = []
+    errors: list[str] = []
+    t0 = time.monotonic()
+    await asyncio.gather(*(client(ctl, prompts, seconds, pause, random.Random(seed + i),
+                                  samples, errors) for i in range(clients)))
+    wall = time.monotonic() - t0
+    stop.set()
+    await busy
+    lat = [ms for _, ms in samples]
+    per_op = {op: {"n": len(v), "p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99)}
+              for op in OPS if (v := [ms for o, ms in samples if o == op])}
+    codec_chunks = sum(ev["chunks_done"] for ev in ended)
+    return {"requests": len(lat), "errors": len(errors), "first_errors": errors[:3],
+            "rate_per_s": round(len(lat) / wall, 1),
+            "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "p99_ms": pct(lat, 0.99),
+            "max_ms": round(max(lat), 2), "mean_ms": round(statistics.fmean(lat), 2),
+            "per_op": per_op,
+            "background_codec_jobs_ended": len(ended),
+            "background_codec_chunks": codec_chunks}
+
+
+def versions() -> str:
+    import fastapi
+    import torch
+    import uvicorn
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, fastapi "
+            f"{fastapi.__version__}, uvicorn {uvicorn.__version__}, httpx {httpx.__version__}")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--requests", type=int, default=50)
-    ap.add_argument("--method", default="cachegen")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", choices=("serve", "serve-threads", "cluster"),
+                    default="serve")
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--pause", type=float, default=0.2,
+                    help="mean pause of each client between requests, seconds (exponential)")
+    ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    cport, mport, eport = free_port(), free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvctl", "serve", "--port", str(cport),
-                             "--monitor-port", str(mport), "--engine-port", str(eport)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctl, eng = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{eport}"
-    try:
-        wait_ready(eng + "/health", proc)
-        client = httpx.Client(timeout=300)
-        prompts = []
-        for i in range(3):
-            text = (f"Report {i}: the river rose through the night and the town council met "
-                    "at dawn to decide which roads to close and which to keep open. ") * 60
-            client.post(f"{eng}/v1/completions", json={"prompt": text, "max_tokens": 1})
-            prompts.append(client.post(f"{eng}/tokenize", json={"prompt": text}).json()["tokens"])
-
-        def req(tokens: list[int]) -> dict:
-            return {"instance_id": INSTANCE, "method": args.method,
-                    "location": "LocalCPUBackend", "tokens": tokens}
-
-        # the long job: decompress/compress cycles keep the codec pool busy
-        busy = client.post(f"{ctl}/compress", json=req(prompts[0])).json()["event_id"]
-        latencies = []
-        states = []
-        for i in range(args.requests):
-            t0 = time.perf_counter()
-            r = client.post(f"{ctl}/compress", json=req(prompts[1 + i % 2]))
-            latencies.append((time.perf_counter() - t0) * 1000)
-            r.raise_for_status()
-            states.append(client.post(f"{ctl}/check_finish", json={"event_id": busy}
-                                      ).json()["status"])
-        while_busy = [lat for lat, st in zip(latencies, states, strict=True)
-                      if st in ("queued", "running")]
-        result = {
-            "requests": len(latencies),
-            "acknowledged_while_job_running": len(while_busy),
-            "p50_ms": round(statistics.median(latencies), 2),
-            "p95_ms": round(sorted(latencies)[int(0.95 * (len(latencies) - 1))], 2),
-            "max_ms": round(max(latencies), 2),
-            "max_ms_while_running": round(max(while_busy), 2) if while_busy else None,
-            "samples_ms": [round(x, 1) for x in latencies],
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-                       f"python {platform.python_version()}",
-        }
-        print(json.dumps(result, indent=2))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl, engines, procs = start(args.topology, Path(tmp))
+        try:
+            for eng in engines.values():
+                wait_ready(eng + "/health", procs)
+            prompts = fill(engines)
+            result = asyncio.run(measure(ctl, prompts, args.clients, args.seconds, args.pause,
+                                         args.seed))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    result = {"topology": args.topology, "clients": args.clients, "seconds": args.seconds,
+              "mean_pause_s": args.pause, **result,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
+                         f"{platform.processor() or 'cpu'}",
+              "versions": versions()}
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

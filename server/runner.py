@@ -280,4 +280,9 @@ def serve_apps(plan: list[tuple[str, FastAPI, socket.socket]], access_log: bool,
                 with contextlib.suppress(asyncio.CancelledError):
                     await bg
 
-    asyncio.run(main())
+    try:
+        import uvloop  # libuv's loop: less CPU per request than asyncio's own
+    except ImportError:  # pragma: no cover - a dependency; absent on Windows
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -24,7 +24,7 @@ from kvctl.server.errors import (
 )
 from kvctl.server.storage import StorageError
 from kvctl.server.worker import WorkerRuntime, checksum
-from kvctl.server.worker_ops import INLINE_OPS, WORKER_OPS
+from kvctl.server.worker_ops import INLINE_OPS, LOCAL_QUICK_OPS, WORKER_OPS
 
 # Chunk bytes travel as the body; what they are travels in these headers.
 NUM_TOKENS_HEADER = "x-kvctl-num-tokens"
@@ -72,7 +72,7 @@ class InProcessTransport(WorkerTransport):
     async def call(self, op: str, body: dict[str, Any]) -> Any:
         fn = WORKER_OPS[op]
         try:
-            if op in INLINE_OPS:
+            if op in INLINE_OPS or (op in LOCAL_QUICK_OPS and self.runtime.all_local):
                 return fn(self.runtime, body)
             # Checking which chunks a location holds may be network I/O (Redis): off the loop.
             return await asyncio.to_thread(fn, self.runtime, body)

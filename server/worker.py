@@ -78,11 +78,26 @@ def checksum(blob: bytes) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def _init_codec_process(torch_threads: int) -> None:
+def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
+    # A pool process outlives a worker killed with SIGKILL (nothing tells it); it watches
+    # its owner instead and leaves with it.
+    threading.Thread(target=_exit_with, args=(owner_pid,), daemon=True,
+                     name="kvctl-owner-watch").start()
+
+
+def _exit_with(owner_pid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # pid reused by another user's process: the owner is gone
+            os._exit(0)
 
 
 def transcode_blob(blob: bytes, method: str, device: str) -> tuple[bytes, float]:
@@ -114,7 +129,7 @@ def _codec_executor(settings: ServerSettings) -> Executor:
     ctx.set_forkserver_preload(["kvctl.codecs", "torch"])
     return ProcessPoolExecutor(settings.codec_threads, mp_context=ctx,
                                initializer=_init_codec_process,
-                               initargs=(settings.torch_threads or 1,))
+                               initargs=(settings.torch_threads or 1, os.getpid()))
 
 
 class WorkerRuntime:
@@ -137,6 +152,9 @@ class WorkerRuntime:
         # clear/pin/move must not queue behind long codec jobs
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="kvctl-io")
         self._raw = get_codec(RAW_METHOD)
+        # Locations that answer from this process's memory (no network round trip).
+        self.all_local = all(isinstance(b, LocalCPUBackend | LocalDiskBackend)
+                             for b in self.backends.values())
         self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
         for _ in range(settings.codec_threads):
             self._codec.submit(_warm_up_codecs).add_done_callback(_log_warm_up)

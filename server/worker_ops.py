@@ -71,3 +71,6 @@ WORKER_OPS: dict[str, Op] = {
 
 # Ops that only read the worker's in-memory tables: cheap enough to run on the event loop.
 INLINE_OPS = frozenset({"events"})
+# Ops that only hash tokens, look chunks up and queue a job: as cheap as INLINE_OPS when
+# every location is in this process (no Redis round trip), cheaper than a thread hand-off.
+LOCAL_QUICK_OPS = frozenset({"compress", "decompress", "pin", "lookup", "chunk_plan"})
