@@ -11,6 +11,7 @@ or over HTTP (`kvctl worker`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -78,7 +79,14 @@ def checksum(blob: bytes) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
+# Codec work is batch work: the processes that run it yield the CPU to those answering
+# requests (the controller's and the worker's event loops) when both want it.
+CODEC_NICENESS = 10
+
+
 def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.nice(CODEC_NICENESS)
     if torch_threads:
         import torch
 
