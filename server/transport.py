@@ -9,10 +9,9 @@ raise the worker's domain errors as the same classes, and an unreachable or slow
 from __future__ import annotations
 
 import asyncio
+import json
 from abc import ABC, abstractmethod
 from typing import Any
-
-import httpx
 
 from kvctl.codecs import CodecError
 from kvctl.server.errors import (
@@ -22,6 +21,7 @@ from kvctl.server.errors import (
     WorkerUnavailable,
     error_from_kind,
 )
+from kvctl.server.http_pool import HttpError, HttpPool, Reply
 from kvctl.server.storage import StorageError
 from kvctl.server.worker import WorkerRuntime, checksum
 from kvctl.server.worker_ops import INLINE_OPS, LOCAL_QUICK_OPS, WORKER_OPS
@@ -101,49 +101,61 @@ class HttpTransport(WorkerTransport):
     def __init__(self, url: str, instance_id: str, timeout_s: float) -> None:
         self.url = url.rstrip("/")
         self.instance_id = instance_id
-        # connect fails fast (a dead worker's port refuses at once); reads get the budget.
-        self._http = httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=min(1.0, timeout_s)),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        # connect fails fast (a dead worker's port refuses at once); replies get the budget.
+        self._http = HttpPool(self.url, timeout_s, connect_timeout_s=min(1.0, timeout_s))
 
-    def _unavailable(self, what: str, exc: Exception) -> WorkerUnavailable:
-        reason = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
-        return WorkerUnavailable(f"the worker of instance {self.instance_id!r} at {self.url} "
-                                 f"did not answer {what} ({reason})")
-
-    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, body: bytes = b"",
+                    headers: dict[str, str] | None = None) -> Reply:
         try:
-            r = await self._http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise self._unavailable(path, exc) from None
-        if r.status_code >= 400:
+            r = await self._http.request(method, path, body, headers)
+        except HttpError as exc:
+            raise WorkerUnavailable(f"the worker of instance {self.instance_id!r} at "
+                                    f"{self.url} did not answer {path} ({exc})") from None
+        if r.status >= 400:
             try:
-                body = r.json()
+                data = json.loads(r.body)
             except ValueError:
-                body = {"detail": r.text[:300]}
-            detail = body.get("detail") if isinstance(body, dict) else None
-            kind = body.get("kind") if isinstance(body, dict) else None
-            if kind is None and r.status_code >= 500:
+                data = {"detail": r.body[:300].decode("utf-8", "replace")}
+            detail = data.get("detail") if isinstance(data, dict) else None
+            kind = data.get("kind") if isinstance(data, dict) else None
+            if kind is None and r.status >= 500:
                 raise WorkerUnavailable(f"the worker of instance {self.instance_id!r} at "
-                                        f"{self.url} failed on {path} (HTTP {r.status_code}): "
+                                        f"{self.url} failed on {path} (HTTP {r.status}): "
                                         f"{detail}")
-            raise error_from_kind(kind, str(detail or f"HTTP {r.status_code} from {path}"))
+            raise error_from_kind(kind, str(detail or f"HTTP {r.status} from {path}"))
         return r
 
+    def _json(self, r: Reply, path: str) -> Any:
+        try:
+            return json.loads(r.body)
+        except ValueError:
+            raise WorkerUnavailable(f"the worker of instance {self.instance_id!r} at "
+                                    f"{self.url} answered {path} with something that is not "
+                                    "JSON") from None
+
     async def call(self, op: str, body: dict[str, Any]) -> Any:
-        return (await self._send("POST", f"/worker/ops/{op}", json=body)).json()
+        path = f"/worker/ops/{op}"
+        r = await self._send("POST", path, json.dumps(body).encode(), _JSON)
+        return self._json(r, path)
 
     async def get_chunk(self, location: str, key: str) -> tuple[bytes, int, str]:
         r = await self._send("GET", f"/worker/chunks/{location}/{key}")
-        return r.content, int(r.headers[NUM_TOKENS_HEADER]), r.headers[CHECKSUM_HEADER]
+        try:
+            return r.body, int(r.headers[NUM_TOKENS_HEADER]), r.headers[CHECKSUM_HEADER]
+        except (KeyError, ValueError):
+            raise WorkerUnavailable(f"the worker at {self.url} sent chunk {key} without its "
+                                    "token count or checksum") from None
 
     async def put_chunk(self, location: str, key: str, blob: bytes, num_tokens: int,
                         digest: str) -> str:
-        r = await self._send("PUT", f"/worker/chunks/{location}/{key}", content=blob,
-                             headers={NUM_TOKENS_HEADER: str(num_tokens),
-                                      CHECKSUM_HEADER: digest,
-                                      "content-type": "application/octet-stream"})
-        return str(r.json()["checksum"])
+        path = f"/worker/chunks/{location}/{key}"
+        r = await self._send("PUT", path, blob,
+                             {NUM_TOKENS_HEADER: str(num_tokens), CHECKSUM_HEADER: digest,
+                              "Content-Type": "application/octet-stream"})
+        return str(self._json(r, path)["checksum"])
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
+
+
+_JSON = {"Content-Type": "application/json"}
