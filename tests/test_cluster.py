@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,6 +38,7 @@ PROMPTS = {
 class Cluster:
     controller: Proc
     workers: dict[str, Proc]
+    tmp: Path
 
     @property
     def api(self) -> str:
@@ -54,9 +56,10 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         for p in procs.values():
             wait_for(lambda p=p: _ok(p.urls["engine"] + "/health"), 300,
                      f"{p.name}'s engine did not load", p, ctl)
-        yield Cluster(ctl, procs)
+        c = Cluster(ctl, procs, tmp)
+        yield c
     finally:
-        for p in [*procs.values(), ctl]:
+        for p in [*procs.values(), c.controller if "c" in locals() else ctl]:
             p.stop()
 
 
@@ -187,3 +190,21 @@ def test_killed_worker_is_dead_and_its_work_fails_fast(cluster: Cluster):
     assert wait_event(cluster.api, r.json()["event_id"])["status"] == "finished"
     assert httpx.post(cluster.api + "/lookup", json={"tokens": toks}, timeout=5
                       ).json()["layout_info"] == {A: ["LocalCPUBackend", len(toks)]}
+
+
+def test_worker_outlives_its_controller_and_registers_again(cluster: Cluster):
+    worker = cluster.workers[A]
+    api, monitor = (int(cluster.controller.urls[k].rsplit(":", 1)[1])
+                    for k in ("api", "monitor"))
+    cluster.controller.kill9()
+    # the engine keeps serving, from its own store, with no controller at all
+    assert complete(worker, PROMPTS[A])["prompt_tokens_details"]["cached_tokens"] > 0
+
+    # a new controller (memory state: it starts knowing nobody) on the same address
+    cluster.controller = start_controller(cluster.tmp, "controller-2", ports=(api, monitor))
+    back = wait_for(lambda: workers(cluster.api).get(A), 30, "worker did not register again",
+                    cluster.controller, worker)
+    assert back["state"] == "alive" and back["url"] == worker.urls["worker"]
+    toks = tokens(worker, PROMPTS[A])
+    r = httpx.post(cluster.api + "/compress", json=req(A, toks), timeout=10)
+    assert r.status_code == 200 and r.json()["num_tokens"] == len(toks)
