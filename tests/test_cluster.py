@@ -162,6 +162,9 @@ def test_killed_worker_is_dead_and_its_work_fails_fast(cluster: Cluster):
     r = httpx.post(cluster.api + "/compress", json=req(B, toks), timeout=5)
     assert r.status_code == 503
     assert B in r.json()["detail"] and victim.urls["worker"] in r.json()["detail"]
+    failed = httpx.get(cluster.api + "/events", params={"status": "failed"}).json()["events"]
+    assert [e["instance_id"] for e in failed] == [B]
+    assert victim.urls["worker"] in failed[0]["error"]
 
     def dead() -> dict | None:
         h = httpx.post(cluster.api + "/health", json={"instance_id": B}, timeout=5).json()

@@ -172,7 +172,21 @@ class Controller:
         # Recorded first, so a state store that is gone refuses before any work starts.
         await self.state.put_event(EventRow(Event(event_id, op, instance_id, body.get("method"),
                                                   body.get("location"), 0, 0)))
-        reply = await transport.call(worker_op or op, {**body, "event_id": event_id})
+        try:
+            reply = await transport.call(worker_op or op, {**body, "event_id": event_id})
+        except WorkerUnavailable as exc:
+            # The worker may or may not have taken the job; the event says we do not know.
+            with contextlib.suppress(StateUnavailable):
+                [row] = await self.state.get_events([event_id])
+                if row is not None:
+                    _fail(row.event, f"the worker did not confirm the job: {exc.detail}")
+                    await self.state.put_event(row)
+            raise
+        except DomainError:
+            # refused: no job exists, so no event either
+            with contextlib.suppress(StateUnavailable):
+                await self.state.delete_event(event_id)
+            raise
         ev = Event.from_dict(reply)
         await self.state.put_event(EventRow(ev))
         return ev

@@ -89,6 +89,9 @@ class ControlState(ABC):
     async def get_events(self, event_ids: list[str]) -> list[EventRow | None]: ...
 
     @abstractmethod
+    async def delete_event(self, event_id: str) -> None: ...
+
+    @abstractmethod
     async def list_events(self, limit: int) -> list[EventRow]:
         """The ``limit`` most recent events, oldest first."""
 
@@ -128,6 +131,9 @@ class MemoryState(ControlState):
 
     async def get_events(self, event_ids: list[str]) -> list[EventRow | None]:
         return [self._events.get(i) for i in event_ids]
+
+    async def delete_event(self, event_id: str) -> None:
+        self._events.pop(event_id, None)
 
     async def list_events(self, limit: int) -> list[EventRow]:
         return list(self._events.values())[-limit:]
@@ -196,6 +202,12 @@ class RedisState(ControlState):
             return []
         raws = await self._do(self._r.mget([self._ek(i) for i in event_ids]))
         return [EventRow.from_json(r) if r is not None else None for r in raws]
+
+    async def delete_event(self, event_id: str) -> None:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.delete(self._ek(event_id))
+        pipe.zrem(f"{self._p}events", event_id)
+        await self._do(pipe.execute())
 
     async def list_events(self, limit: int) -> list[EventRow]:
         ids = [i.decode() for i in await self._do(
