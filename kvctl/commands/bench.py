@@ -27,6 +27,9 @@ def bench(
     codec: Annotated[list[str] | None, typer.Option(
         "--codec", help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, "
                         "int8, kivi-2, kivi-4, fp8 (default: all of them).")] = None,
+    model: Annotated[str, typer.Option(
+        "--model", help="Model whose KV is benchmarked: smollm2 or gemma3 (embedded), a local "
+                        "directory or .gguf file.")] = "smollm2",
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose KV is compressed.")] = 512,
     continuation: Annotated[int, typer.Option(
         help="Tokens the model then reads through the decoded KV.")] = 256,
@@ -60,7 +63,7 @@ def bench(
         if kv is not None:
             work = b.kv_file_workload(kv, chunk_size)
         else:
-            work = b.text_workload(text, prefix, continuation, chunk_size)
+            work = b.text_workload(text, prefix, continuation, chunk_size, model=model)
         report = b.run_bench(work, methods, repeats, chunk_size)
         if plot is not None:
             b.plot(report, plot)

@@ -103,8 +103,11 @@ def split_chunks(kv: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
 
 def text_workload(text_path: Path | None, prefix: int = 512, continuation: int = 256,
                   chunk_size: int = 256, lm: LoadedModel | None = None,
-                  tokenizer: Any = None) -> Workload:
-    """Tokenize a text, build the exact fp16 prefix KV and the reference logits."""
+                  tokenizer: Any = None, model: str = "smollm2") -> Workload:
+    """Tokenize a text, build the exact fp16 prefix KV and the reference logits.
+
+    ``model`` names the model loaded when ``lm``/``tokenizer`` are not given.
+    """
     import torch
 
     from kvctl.common.model import load_model, load_tokenizer_for, prefill
@@ -118,8 +121,8 @@ def text_workload(text_path: Path | None, prefix: int = 512, continuation: int =
         raise BenchError(f"{path} is not UTF-8 text") from None
     if prefix < 1 or continuation < 2:
         raise BenchError("--prefix must be >= 1 and --continuation >= 2")
-    lm = lm or load_model("smollm2")
-    tokenizer = tokenizer or load_tokenizer_for("smollm2")
+    lm = lm or load_model(model)
+    tokenizer = tokenizer or load_tokenizer_for(model)
     ids = list(tokenizer(text)["input_ids"])
     need = prefix + continuation
     if len(ids) < need:
@@ -129,7 +132,7 @@ def text_workload(text_path: Path | None, prefix: int = 512, continuation: int =
     if need > lm.max_model_len:
         raise BenchError(f"prefix + continuation = {need} exceeds the model's context "
                          f"({lm.max_model_len})")
-    _, kv = prefill(lm, ids[:prefix])
+    _, kv = prefill(lm, ids[:prefix], logits_to_keep=1)
     kv16 = kv.to(torch.float16)
     logits, _ = prefill(lm, ids[prefix:], past_kv=kv16.float())
     return Workload(source=str(path), chunks=split_chunks(kv16, chunk_size), prefix=prefix,
