@@ -38,7 +38,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	$(VENV)/bin/kvctl bench --plot benchmarks/results.png --markdown benchmarks/results.md
+	$(VENV)/bin/kvctl bench --suite --plot benchmarks/results.png --markdown benchmarks/results.md
 
 completions: setup
 	$(PY) scripts/gen_completions.py
