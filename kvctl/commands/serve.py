@@ -21,8 +21,8 @@ def serve(
     engine_port: Annotated[int | None, typer.Option(
         help="Inference engine port (OpenAI API). [default: 8000]")] = None,
     model: Annotated[str | None, typer.Option(
-        help="Engine model: smollm2 (embedded), a local directory or .gguf file, or 'none' for "
-             "no engine. [default: smollm2]")] = None,
+        help="Engine model: smollm2 or gemma3 (embedded), a local directory or .gguf file, or "
+             "'none' for no engine. [default: smollm2]")] = None,
     codec_threads: Annotated[int | None, typer.Option(
         help="Codec jobs run at once. [default: 1]")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
