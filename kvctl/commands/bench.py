@@ -169,12 +169,12 @@ def _print_suite(report: SuiteReport) -> None:
         table = Table(title=f"{mod.name}: {len(report.texts)} texts, KV {mod.kv_shape}",
                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for i, h in enumerate(b.SUITE_SHORT_HEADERS):
-            table.add_column(h, justify="left" if i in (0, 7) else "right", no_wrap=True)
+            table.add_column(h, justify="left" if i in (0, 6) else "right", no_wrap=True)
         for row in b.suite_table_rows(report, mod.model):
-            table.add_row(*row)
+            table.add_row(row[0], *row[2:-1])
         console.print(table)
-    console.print(f"texts: {', '.join(report.texts)}. top-1/ppl Δ: mean over texts; worst/"
-                  f"max Δ: the worst text (named for top-1). Next {report.continuation} tokens "
+    console.print(f"texts: {', '.join(report.texts)}. top-1, ppl Δ: mean over texts; worst: "
+                  f"the worst text's top-1. Next {report.continuation} tokens "
                   f"read through the decoded {report.prefix}-token prefix vs the exact fp16 KV; "
                   f"enc/dec: MB/s on one thread, median over texts. "
                   f"{report.seconds / 60:.1f} min.")
