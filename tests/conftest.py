@@ -100,34 +100,33 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------- CLI fixtures ----
-# The CLI's tests drive `kvctl` through Typer's CliRunner against the real controller app,
-# in-process: kvctl.client's http factory hands every ControllerClient a Starlette
-# TestClient (an httpx.Client running the ASGI app, lifespan included).
+# The CLI's tests drive `kvctl` through Typer's CliRunner, in-process, against real servers
+# on loopback ports (tests/cliutil.py): the CLI builds its HTTP client as in production.
 @pytest.fixture
 def cli_env(tmp_path, monkeypatch) -> Path:
-    """No user settings leak in: empty env, a config file path under tmp_path."""
+    """No user settings leak in: empty env, a config file path under tmp_path, and an
+    80-column terminal for everything Rich renders."""
     for var in ("KVCTL_CONTROLLER", "KVCTL_TIMEOUT", "KVCTL_TOKENIZER", "KVCTL_INSTANCE_ID",
                 "KVCTL_DEBUG"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COLUMNS", "80")
     cfg = tmp_path / "kvctl-config.yaml"
     monkeypatch.setenv("KVCTL_CONFIG", str(cfg))
     return cfg
 
 
 @pytest.fixture
-def cli_server(tmp_path, cli_env):
-    """The controller app without the engine; yields its FastAPI app (app.state.runtime)."""
-    from starlette.testclient import TestClient
-
-    from kvctl import client as kvclient
+def cli_server(tmp_path, cli_env, monkeypatch):
+    """The controller app without the engine, served by uvicorn on a loopback port that
+    KVCTL_CONTROLLER names; yields the FastAPI app (``app.state.runtime``, ``app.state.url``).
+    """
     from kvctl.server.app import create_app
     from kvctl.server.config import ServerSettings
+    from tests.cliutil import serve_app
 
     app = create_app(ServerSettings(model="none", local_disk=str(tmp_path / "disk"),
                                     max_local_disk_size=1))
-    with TestClient(app, raise_server_exceptions=False) as http:
-        kvclient.set_http_factory(lambda url, timeout: http)
-        try:
-            yield app
-        finally:
-            kvclient.set_http_factory(None)
+    with serve_app(app) as url:
+        app.state.url = url
+        monkeypatch.setenv("KVCTL_CONTROLLER", url)
+        yield app

@@ -35,6 +35,33 @@ def test_help_imports_nothing_heavy(argv):
     assert "Usage" in proc.stdout
 
 
+@pytest.mark.parametrize("argv", [
+    ["compress", "Explain the significance of KV cache.", "--controller", "CLOSED"],
+    ["tokenize", "--tokenizer", "llama3", "Explain the significance of KV cache."],
+])
+def test_prompt_commands_import_no_model_code(argv):
+    """A prompt is tokenized with `tokenizers` on the cached tokenizer.json; neither
+    transformers nor torch loads, so a failing command fails at once."""
+    from kvctl.common.tokenizers import load_tokenizer
+    from tests.conftest import free_port
+
+    load_tokenizer("llama3"), load_tokenizer("smollm2")  # the converted files exist now
+    argv = [a.replace("CLOSED", f"http://127.0.0.1:{free_port()}") for a in argv]
+    code = ("import json, sys\n"
+            "from kvctl.cli import app\n"
+            f"try:\n    app({argv!r}, prog_name='kvctl')\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(json.dumps([code, sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'transformers', 'uvicorn', 'fastapi'})]), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    exit_code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert heavy == []
+    assert exit_code == (1 if argv[0] == "compress" else 0)
+    if argv[0] == "compress":
+        assert "cannot reach the controller" in proc.stderr
+
+
 def test_python_m_kvctl_and_version():
     proc = run_kvctl("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("kvctl ")
