@@ -188,6 +188,8 @@ def test_4xx_is_rejected_with_the_servers_detail(cli_server, args, needle):
                                              "running, finished, failed, got 'done'"),
     (["--timeout", "0", "health"], "error: timeout from --timeout must be > 0, got 0"),
     (["tokenize", ""], "error: the prompt is empty"),
+    (["serve", "--port", "70000"], "error: settings: port: Input should be less than or equal "
+                                   "to 65535 (got 70000)"),
 ])
 def test_usage_errors_exit_2_with_their_message(cli_server, args, message):
     r = run_cli(*args, expected_exit_code=2)
