@@ -111,20 +111,17 @@ class EventTable:
             self._cond.notify_all()
 
     def get(self, event_id: str) -> dict[str, Any] | None:
-        """The event with this id, or with the one id this prefix names (see `resolve`)."""
+        """The event with this id, or with the one id this prefix names (see `_resolve`)."""
         with self._lock:
             full = self._resolve(event_id)
             ev = self._events.get(full) if full else None
             return ev.to_dict() if ev else None
 
-    def resolve(self, prefix: str) -> str | None:
+    def _resolve(self, prefix: str) -> str | None:
         """The full id that ``prefix`` names: the id itself, or the only id that starts with
         it, whole (``compress-3f2a``) or after its op (``3f2a``, the short id the CLI
-        shows). None when no id matches; AmbiguousEventId when several do."""
-        with self._lock:
-            return self._resolve(prefix)
-
-    def _resolve(self, prefix: str) -> str | None:
+        shows). None when no id matches; AmbiguousEventId when several do. The table is
+        bounded (max_events), so the scan is too."""
         if prefix in self._events:
             return prefix
         if not prefix:
