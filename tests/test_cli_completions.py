@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,27 @@ def test_install_completion_bash(tmp_path):
     script = tmp_path / ".bash_completions" / "kvctl.sh"
     assert "_KVCTL_COMPLETE=complete_bash" in script.read_text()
     assert str(script) in (tmp_path / ".bashrc").read_text()
+
+
+def words(text: str) -> str:
+    """Help text without Rich's box and line folding."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
+
+
+def test_help_shows_defaults_and_no_type_noise():
+    serve = run_kvctl("serve", "--help")
+    assert serve.returncode == 0
+    for default in ("Controller port. [default: 9000]", "[default: 9001]",
+                    "[default: 8000]", "[default: smollm2]", "[default: 127.0.0.1]"):
+        assert default in words(serve.stdout), default
+    helps = [words(serve.stdout)] + [words(run_kvctl(*cmd, "--help").stdout) for cmd in (
+        [], ["compress"], ["move"], ["events", "watch"], ["events", "show"], ["config"])]
+    for text in helps:
+        assert "<bool>" not in text and "<str>" not in text and "[[" not in text
+    compress, move, watch = helps[2], helps[3], helps[4]
+    assert "[default: cachegen]" in compress and "[default: LocalCPUBackend]" in compress
+    assert "Usage: kvctl compress [OPTIONS] [PROMPT]" in compress
+    assert "Global options, before or after the command" in compress
+    assert "Exit codes: 0 done" in compress
+    assert "[default: the source instance]" in move
+    assert "Usage: kvctl events watch [OPTIONS] [ID...]" in watch
