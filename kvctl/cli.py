@@ -157,7 +157,7 @@ class KvctlGroup(TyperGroup):
         return [*moved, *root_part, *to_leaf, *tail]
 
     def invoke(self, ctx: Any) -> Any:
-        out = ctx.obj.out if isinstance(ctx.obj, State) else Output()
+        out = Output()  # an error is one stderr line whatever the output mode
         try:
             return super().invoke(ctx)
         except (Exit, Abort, TyperException):
