@@ -38,14 +38,20 @@ def _explain_coverage(reply: dict[str, Any], tokens: list[int], location: str) -
 
 def _transcode(op: str, prompt: str | None, tokens: str | None, tokens_file: Any,
                tokenizer: str | None, instance_id: str | None, method: str, location: str,
-               wait: bool, as_json: bool, controller: str | None, timeout: float | None
-               ) -> None:
+               wait: bool, as_json: bool, controller: str | None, timeout: float | None,
+               force: bool = False) -> None:
     ids = token_input(prompt, tokens, tokens_file, tokenizer)
     s = resolve(controller, timeout, instance_id=instance_id)
     with connect(s) as client:
-        call = client.compress if op == "compress" else client.decompress
-        reply = call(s.instance_id, method, location, ids)
+        if op == "compress":
+            reply = client.compress(s.instance_id, method, location, ids, force=force)
+        else:
+            reply = client.decompress(s.instance_id, method, location, ids)
         _explain_coverage(reply, ids, location)
+        if force and reply.get("num_tokens"):
+            warning = client.event(reply["event_id"]).get("warning")
+            if warning:
+                output.warn(warning)
         finish_op(client, reply, wait, as_json, f"{op} of {len(ids)} tokens scheduled")
 
 
@@ -61,10 +67,13 @@ def compress(
     as_json: JsonOpt = False,
     controller: ControllerOpt = None,
     timeout: TimeoutOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also re-encode chunks another lossy codec already holds (their "
+                        "losses add up); refused without it.")] = False,
 ) -> None:
     """Compress the stored KV of a prompt (or token ids) in a location."""
     _transcode("compress", prompt, tokens, tokens_file, tokenizer, instance_id, method,
-               location, wait, as_json, controller, timeout)
+               location, wait, as_json, controller, timeout, force)
 
 
 def decompress(
@@ -94,7 +103,7 @@ def lookup(
     controller: ControllerOpt = None,
     timeout: TimeoutOpt = None,
 ) -> None:
-    """Show where the longest stored prefix of a prompt's KV lives."""
+    """Show where the longest stored prefix of a prompt's KV lives, tier by tier."""
     ids = token_input(prompt, tokens, tokens_file, tokenizer)
     with connect(resolve(controller, timeout)) as client:
         reply = client.lookup(ids)
@@ -105,8 +114,14 @@ def lookup(
     if not layout:
         output.out().print(f"no stored KV for any prefix of these {len(ids)} tokens")
         return
-    rows = [(inst, loc, f"{matched}/{len(ids)}") for inst, (loc, matched) in layout.items()]
-    output.out().print(output.kv_table(rows, ("instance", "location", "matched tokens")))
+    # kvctl's controller adds every tier holding the prefix; LMCache's names only the best
+    tiers = reply.get("tiers") or {}
+    rows = []
+    for inst, (loc, matched) in layout.items():
+        per_tier = tiers.get(inst) or {loc: matched}
+        for tier, n in per_tier.items():
+            rows.append((inst, tier, f"{n}/{len(ids)}", "best" if tier == loc else ""))
+    output.out().print(output.kv_table(rows, ("instance", "location", "matched tokens", "")))
 
 
 def clear(
