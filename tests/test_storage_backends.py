@@ -107,7 +107,7 @@ def test_pinning_many_chunks_writes_the_pins_file_once(tmp_path, monkeypatch):
         real(path, data, **kw)
 
     monkeypatch.setattr(disk, "atomic_write", counting)
-    assert b.set_pinned_many(keys + ["absent"], True) == 40
+    assert b.set_pinned_many([*keys, "absent"], True) == 40
     assert writes == ["pins.json"]
     assert json.loads((tmp_path / "pins.json").read_text()) == sorted(keys)
     assert b.set_pinned_many(keys, True) == 40 and writes == ["pins.json"]  # no change
