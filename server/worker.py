@@ -324,10 +324,12 @@ class WorkerRuntime:
         order = [n for n in TIER_ORDER if n in self.backends]
         order += [n for n in self.backends if n not in order]
         for name in order:
+            if not self.store.available(name):
+                continue  # failed moments ago: answer from the others without waiting
             try:
                 refs = self.matched(self.backends[name], tokens)
             except StorageError as exc:
-                log.warning("lookup skipped %s: %s", name, exc)
+                self.store.failed(name, "read_failures", exc)
                 continue
             if refs:
                 out[name] = refs[-1].end

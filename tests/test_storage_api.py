@@ -233,3 +233,32 @@ def test_cli_force_and_lookup_per_tier(cli_server):
     ev = json.loads(r.stdout)
     assert ev["status"] == "finished" and ev["chunk_codecs"] == [["int8", "cachegen"]] * 2
     assert "both losses" in r.stderr
+
+
+async def test_redis_down_leaves_memory_serving_and_tiers_recover(redis_proc, monkeypatch):
+    from kvctl.server.storage import tiers
+
+    settings = ServerSettings(model="none", chunk_size=CHUNK, remote_url=redis_proc.url,
+                              lmcache_instance_id=INSTANCE)
+    async for api in _client(settings):
+        rt = api.runtime
+        ids = list(range(128))
+        redis_proc.stop()
+        assert rt.store_kv(ids, kv_for(128)) == 2  # memory took both; Redis failed
+        r = await api.post("/lookup", json={"tokens": ids})
+        assert r.status_code == 200
+        assert r.json()["tiers"] == {INSTANCE: {"LocalCPUBackend": 128}}
+        assert rt.load_prefix(ids)[0] == 128
+        text = (await api.get("/metrics")).text
+        assert samples(text, "kvctl_tier_store_failures_total")[
+            (("location", "RemoteBackend"),)] == 1
+        # inside the retry interval nobody waited on Redis again
+        assert samples(text, "kvctl_tier_read_failures_total")[
+            (("location", "RemoteBackend"),)] == 0
+
+        monkeypatch.setattr(tiers, "RETRY_AFTER_S", 0.0)
+        rt.store._down_until.clear()
+        redis_proc.start()
+        assert rt.store_kv(ids, kv_for(128)) == 2  # only Redis lacked them
+        r = await api.post("/lookup", json={"tokens": ids})
+        assert r.json()["tiers"] == {INSTANCE: {"LocalCPUBackend": 128, "RemoteBackend": 128}}

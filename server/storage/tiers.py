@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ log = logging.getLogger("kvctl.server")
 TIER_ORDER = ("LocalCPUBackend", "LocalDiskBackend", "RemoteBackend")
 MEMORY = TIER_ORDER[0]
 REMOTE = TIER_ORDER[2]
+# after a tier fails, the engine leaves it alone this long: a frozen Redis then costs one
+# socket timeout per interval, not one per completion
+RETRY_AFTER_S = 5.0
 
 
 @dataclass
@@ -71,6 +75,16 @@ class TieredStore:
         self.chunk_size = chunk_size
         self.device = device
         self.counters = TierCounters()
+        self._down_until: dict[str, float] = {}
+
+    def available(self, tier: str) -> bool:
+        """False for a while after ``tier`` failed (see RETRY_AFTER_S)."""
+        return time.monotonic() >= self._down_until.get(tier, 0.0)
+
+    def failed(self, tier: str, table: str, exc: Exception) -> None:
+        self.counters.add(table, tier)
+        self._down_until[tier] = time.monotonic() + RETRY_AFTER_S
+        log.warning("%s skipped for %.0f s: %s", tier, RETRY_AFTER_S, exc)
 
     def _codec_for(self, tier: str) -> Any:
         return self.remote_codec if tier == REMOTE else self.raw
@@ -93,6 +107,8 @@ class TieredStore:
         keys = [r.key for r in refs]
         encoded: dict[tuple[str, str], bytes] = {}
         for tier, backend in self.tiers:
+            if not self.available(tier):
+                continue
             codec = self._codec_for(tier)
             try:
                 have = backend.contains_many(keys)
@@ -113,8 +129,7 @@ class TieredStore:
                 self.counters.add("store_failures", tier)
                 log.info("not stored in %s: %s", tier, exc)
             except StorageError as exc:
-                self.counters.add("store_failures", tier)
-                log.warning("not stored in %s: %s", tier, exc)
+                self.failed(tier, "store_failures", exc)
         return written
 
     # ---- read-through ---------------------------------------------------------------
@@ -127,11 +142,12 @@ class TieredStore:
             ask = [i for i in range(limit) if holder[i] is None]
             if not ask:
                 break
+            if not self.available(tier):
+                continue
             try:
                 have = backend.contains_many([refs[i].key for i in ask])
             except StorageError as exc:
-                self.counters.add("read_failures", tier)
-                log.warning("%s skipped on read: %s", tier, exc)
+                self.failed(tier, "read_failures", exc)
                 continue
             for i, held in zip(ask, have, strict=True):
                 if held:
@@ -164,8 +180,7 @@ class TieredStore:
             try:
                 got = backends[tier].get_many([refs[i].key for i in idx])
             except StorageError as exc:
-                self.counters.add("read_failures", tier)
-                log.warning("%s skipped on read: %s", tier, exc)
+                self.failed(tier, "read_failures", exc)
                 got = [None] * len(idx)
             for i, b in zip(idx, got, strict=True):
                 blobs[i] = b
