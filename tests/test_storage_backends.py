@@ -222,3 +222,44 @@ def test_cluster_spreads_chunks_over_nodes(redis_cluster):
     assert sum(per_node) == 60 and all(n > 0 for n in per_node), per_node
     assert b.set_pinned_many(["k1", "k2"], True) == 2 and b.stats().pinned_chunks == 2
     assert b.clear() == 60 * 8 and b.stats().chunks == 0
+
+
+def test_disk_accounting_holds_under_concurrent_writers(tmp_path):
+    import random
+    import threading
+
+    sizes = [len(blob(tokens=t)) for t in (4, 8, 16)]
+    b = LocalDiskBackend(tmp_path, 10 * max(sizes))
+    errors = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(60):
+                key = f"k{rng.randrange(20)}"
+                op = rng.random()
+                if op < 0.6:
+                    b.put(key, blob(tokens=rng.choice((4, 8, 16)), seed=seed), 8)
+                elif op < 0.8:
+                    b.get(key)
+                elif op < 0.9:
+                    b.delete(key)
+                else:
+                    b.set_pinned_many([key], rng.random() < 0.3)
+        except StorageFullError:
+            pass
+        except Exception as exc:  # collected: an assertion in a thread would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    files = {p.name.rsplit("-", 1)[0]: p.stat().st_size for p in tmp_path.glob("*.kvc")}
+    assert files.keys() == set(b.keys())
+    assert b.stats().bytes == sum(files.values()) <= 10 * max(sizes)
+    assert not list(tmp_path.glob(".*.tmp"))
+    for key in files:
+        decode_blob(b.get(key))

@@ -70,6 +70,9 @@ class LocalDiskBackend(StorageBackend):
         self._lock = threading.Lock()
         # keys whose file is being written right now (a missing file is then not a loss)
         self._writing: dict[str, int] = {}
+        # writes of one key are serialised (striped locks), so the index records the size of
+        # the file that lands last; writes of different keys run side by side
+        self._key_locks = [threading.Lock() for _ in range(64)]
         # pins.json: one writer at a time, never under self._lock; generations coalesce
         # concurrent pin requests into as few writes as possible
         self._pins_io = threading.Lock()
@@ -204,6 +207,11 @@ class LocalDiskBackend(StorageBackend):
                       protect: Sequence[str]) -> None:
         label = codec_label(blob)
         path = self._path(key, num_tokens)
+        with self._key_locks[hash(key) % len(self._key_locks)]:
+            self._put_locked(key, blob, num_tokens, label, path, protect)
+
+    def _put_locked(self, key: str, blob: bytes, num_tokens: int, label: str, path: Path,
+                    protect: Sequence[str]) -> None:
         with self._lock:
             for victim in self._index.admit(key, len(blob), num_tokens, label, protect):
                 # admit() already dropped the victim from the index; its file goes too
@@ -222,6 +230,10 @@ class LocalDiskBackend(StorageBackend):
                 left = self._writing.pop(key) - 1
                 if left:
                     self._writing[key] = left
+                elif key not in self._index:
+                    # evicted or deleted while its file was being written: no orphan file
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
     def _unlink_victim(self, key: str) -> None:
         for p in self.root.glob(f"{key}-*{SUFFIX}"):
