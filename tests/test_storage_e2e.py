@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PROSE, free_port
+from tests.conftest import PROSE, RedisProc, free_port
 from tests.test_e2e_serve import Stack, poll_status, wait_until_ready
 
 pytestmark = [pytest.mark.e2e]
@@ -258,12 +258,29 @@ def put_chunks(root_or_url: str | Path, ids: list[int], chunk_size: int, backend
     return len(refs)
 
 
-def test_redis_stopped_mid_compress_fails_fast_then_recovers(tmp_path, redis_proc,
-                                                             serve_factory):
+@pytest.fixture
+def redis_with_password(tmp_path) -> Iterator[RedisProc]:
+    workdir = tmp_path / "redis-auth"
+    workdir.mkdir()
+    r = RedisProc(workdir, ("--requirepass", PASSWORD))
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+PASSWORD = "hunter2-not-for-logs"
+
+
+def test_redis_stopped_mid_compress_fails_fast_then_recovers(tmp_path, redis_with_password,
+                                                             serve_factory, record_property):
+    redis_proc = redis_with_password
+    url = f"redis://:{PASSWORD}@127.0.0.1:{redis_proc.port}/0"
     chunk = 64
     ids = list(range(1000, 1000 + 120 * chunk))
-    n = put_chunks(redis_proc.url, ids, chunk, "remote")
-    cfg = write_config(tmp_path / "lmcache.yaml", None, redis_proc.url, chunk_size=chunk)
+    n = put_chunks(url, ids, chunk, "remote")
+    cfg = write_config(tmp_path / "lmcache.yaml", None, url, chunk_size=chunk)
     s = serve_factory(cfg, model=False).start()
     reply = op(s, "/compress", instance_id=INSTANCE, method="cachegen",
                location="RemoteBackend", tokens=ids)
@@ -284,12 +301,17 @@ def test_redis_stopped_mid_compress_fails_fast_then_recovers(tmp_path, redis_pro
             break
         time.sleep(0.05)
     assert ev["status"] == "failed", ev
+    record_property("seconds_to_failed", round(time.monotonic() - stopped, 3))
+    record_property("chunks_done_of", f"{ev['chunks_done']}/{n}")
     assert "RemoteBackend" in ev["error"] and ev["chunks_done"] < n
+    # the reason names the server, never its password (GET /events has no authentication)
+    assert f"127.0.0.1:{redis_proc.port}" in ev["error"]
+    assert PASSWORD not in httpx.get(f"{s.controller}/events").text
     # the rest of the server still answers: lookup, and work on another tier
     assert lookup(s, ids[:chunk])["layout_info"] == {}
 
     redis_proc.start()
-    put_chunks(redis_proc.url, ids[: 4 * chunk], chunk, "remote")
+    put_chunks(url, ids[: 4 * chunk], chunk, "remote")
     done = transcode(s, "/compress", "RemoteBackend", ids[: 4 * chunk])
     assert done["num_tokens"] == 4 * chunk and done["event"]["chunks_done"] == 4
 
