@@ -274,7 +274,7 @@ PASSWORD = "hunter2-not-for-logs"
 
 
 def test_redis_stopped_mid_compress_fails_fast_then_recovers(tmp_path, redis_with_password,
-                                                             serve_factory, record_property):
+                                                             serve_factory):
     redis_proc = redis_with_password
     url = f"redis://:{PASSWORD}@127.0.0.1:{redis_proc.port}/0"
     chunk = 64
