@@ -197,10 +197,12 @@ def test_three_tiers_single_redis_survive_kill9(tmp_path, redis_proc, serve_fact
     assert found["layout_info"][INSTANCE][1] == len(ids)
     assert found["tiers"] == {INSTANCE: {"LocalDiskBackend": len(ids),
                                          "RemoteBackend": len(ids)}}
-    done = transcode(s, "/decompress", "RemoteBackend", ids)
+    done = transcode(s, "/decompress", "RemoteBackend", ids, method="int8")
     assert done["num_tokens"] == len(ids)
-    # counted under the codec it decoded, whatever method the request named
+    assert done["event"]["chunk_codecs"] == [["cachegen", "raw"]] * 3
+    # counted under the codec it decoded, not the method the request named
     assert metric(s, "kvctl_codec_chunks_total", op="decompress", method="cachegen") == 3
+    assert metric(s, "kvctl_codec_chunks_total", op="decompress", method="int8") == 0
     assert cached(s, PROSE) > 0
     moved_to_disk_is_reused(s, PROSE[: len(PROSE) // 2])
     reuse_from_redis(s, PROSE, ids)
