@@ -229,6 +229,28 @@ def test_layouts_the_codec_does_not_take_are_stored_bit_exactly(manager, kv_chun
     assert len(data) < chunk.numel() * chunk.element_size() + 256
 
 
+def test_an_object_of_several_kernel_groups_is_stored_bit_exactly(manager, kv_chunks):
+    """One object holding two kernel groups (classic K/V layers and MLA-style layers)."""
+    full = lmc_layout(kv_chunks[0])
+    groups = [full[:, :20].contiguous(), full[:1, 20:].to(torch.bfloat16).contiguous()]
+    layout = layout_of(*groups)
+    keys = keys_for(b"G", 1)
+    before = len(list(manager.base.glob("*.kvc")))
+    objs = manager.sm.reserve_write(keys, layout)
+    for i, g in enumerate(groups):
+        objs[keys[0]].get_tensor(i).copy_(g)
+    manager.sm.finish_write(keys)
+    wait_files(manager.base, before + 1)
+    manager.clear_l1()
+    result = manager.prefetch(keys, layout)
+    assert result.l2_hit_count == 1
+    with manager.sm.read_prefetched_results(keys, result.l1_owners) as got:
+        assert got is not None
+        back = [got[0].get_tensor(i).clone() for i in range(2)]
+    manager.sm.finish_read_prefetched(keys, 1, result.l1_owners)
+    assert all(torch.equal(a, b) for a, b in zip(back, groups, strict=True))
+
+
 def test_tensor_parallel_shard_keeps_the_models_profile(kv_chunks):
     """A rank holding one of SmolLM2's three heads is quantized with SmolLM2's profile
     (chosen by model name), so its decoded head equals that head of the full chunk decoded

@@ -75,11 +75,17 @@ def pack_frame(shapes: list[list[int]], dtypes: list[str],
     for d in dtypes:
         if d not in ITEMSIZE:
             raise ValueError(f"raw frame: unsupported dtype {d!r}")
+    data = memoryview(payload)
+    if data.ndim != 1 or data.itemsize != 1:
+        data = data.cast("B")  # any contiguous buffer, counted in bytes
+    need = sum(math.prod(s) * ITEMSIZE[d] for s, d in zip(shapes, dtypes, strict=True))
+    if data.nbytes != need:
+        raise ValueError(f"raw frame: {data.nbytes} payload bytes, the groups need {need}")
     header = _header(shapes, dtypes)
     head = _PREFIX.pack(MAGIC, VERSION, 0, len(header)) + header
-    paylen = _PAYLEN.pack(len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(paylen, zlib.crc32(head)))
-    return b"".join((head, paylen, bytes(payload), _CRC.pack(crc)))
+    paylen = _PAYLEN.pack(data.nbytes)
+    crc = zlib.crc32(data, zlib.crc32(paylen, zlib.crc32(head)))
+    return b"".join((head, paylen, data, _CRC.pack(crc)))
 
 
 def is_frame(buf: bytes | bytearray | memoryview) -> bool:

@@ -32,6 +32,7 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 from kvctl.common.paths import atomic_write
+from kvctl.integrations.lmcache.files import chunk_filename
 from kvctl.integrations.lmcache.serde import register_serdes
 
 if TYPE_CHECKING:
@@ -41,19 +42,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvctl.lmcache")
 
-FILE_EXT = ".kvc"
-_SEP = "@"  # LMCache forbids '@' in model names and salts, so names split unambiguously
-_SLASH = "-SEP-"
 MAX_IO_WORKERS = 32
 
 
 def key_filename(key: ObjectKey) -> str:
-    """``<model>@<kv_rank hex>@<group hex>@<chunk hash hex>[@<salt>].kvc``."""
-    parts = [key.model_name.replace("/", _SLASH), f"{key.kv_rank:#010x}",
-             f"{key.object_group_id:x}", key.chunk_hash.hex()]
-    if key.cache_salt:
-        parts.append(key.cache_salt)
-    return _SEP.join(parts) + FILE_EXT
+    """The chunk file name of a key (see ``files.py``)."""
+    return chunk_filename(key.model_name, key.kv_rank, key.object_group_id, key.chunk_hash,
+                          key.cache_salt)
 
 
 class KvctlFSL2AdapterConfig(L2AdapterConfigBase):
