@@ -180,6 +180,30 @@ def test_second_store_of_a_key_is_a_no_op_and_l1_hits_skip_l2(manager, kv_chunks
     assert torch.equal(manager.read(keys, result)[0], chunks[0])
 
 
+def test_a_corrupted_file_is_a_miss_not_garbage(manager, kv_chunks):
+    """A flipped bit on disk fails the blob's checksum: the prefetch reports a miss (the
+    engine recomputes) and the manager keeps serving."""
+    chunk = lmc_layout(kv_chunks[1])
+    keys = keys_for(b"X", 1)
+    layout = layout_of(chunk)
+    before = {p.name for p in manager.base.glob("*.kvc")}
+    manager.store(keys, layout, [chunk])
+    wait_files(manager.base, len(before) + 1)
+    manager.clear_l1()
+    (path,) = [p for p in manager.base.glob("*.kvc") if p.name not in before]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = manager.prefetch(keys, layout)
+    assert (result.l1_hit_count, result.l2_hit_count) == (0, 0)
+    path.unlink()  # the manager still works: store and read the chunk again
+    manager.store(keys, layout, [chunk])
+    wait_files(manager.base, len(before) + 1)
+    manager.clear_l1()
+    assert manager.prefetch(keys, layout).l2_hit_count == 1
+    manager.sm.finish_read_prefetched(keys, 1)
+
+
 def test_bf16_chunks_and_compact_level(tmp_path, kv_chunks):
     m = Manager(tmp_path, {"type": "kvctl-cachegen-compact", "head_dim": 64})
     try:
@@ -308,6 +332,23 @@ def test_serde_options_are_checked_with_a_message_that_says_what_to_fix():
         make_serde("cachegen", {"headdim": 64})
     with pytest.raises(ValueError, match="max_workers"):
         make_serde("cachegen", {"head_dim": 64, "max_workers": 0})
+
+
+def test_adapter_sweeps_only_stale_temporaries_at_startup(tmp_path):
+    import os
+
+    from kvctl.integrations.lmcache.plugin import KvctlFSL2Adapter
+
+    stale = tmp_path / ".m@0x00000000@0@ab.kvc.x1y2.tmp"
+    fresh = tmp_path / ".m@0x00000000@0@cd.kvc.z3w4.tmp"
+    chunk = tmp_path / "m@0x00000000@0@ef.kvc"
+    for p in (stale, fresh, chunk):
+        p.write_bytes(b"x")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    os.utime(chunk, (old, old))
+    KvctlFSL2Adapter({"base_path": str(tmp_path)}).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, chunk.name])
 
 
 def test_unknown_serde_type_fails_the_build_naming_kvctl_types(tmp_path):

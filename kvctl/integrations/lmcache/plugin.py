@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 from kvctl.common.paths import atomic_write
-from kvctl.integrations.lmcache.files import chunk_filename
+from kvctl.integrations.lmcache.files import FILE_EXT, chunk_filename
 from kvctl.integrations.lmcache.serde import register_serdes
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvctl.lmcache")
 
 MAX_IO_WORKERS = 32
+# A writer's temporary file older than this is a leftover of a crash, not a write in
+# progress (another server may share the folder), and is removed at startup.
+STALE_TMP_S = 3600
 
 
 def key_filename(key: ObjectKey) -> str:
@@ -100,6 +104,7 @@ class KvctlFSL2Adapter(L2AdapterInterface):
         self._config = config
         self._base = Path(config.base_path)
         self._base.mkdir(parents=True, exist_ok=True)
+        self._sweep_temporaries()
         self._store_efd = create_event_notifier()
         self._lookup_efd = create_event_notifier()
         self._load_efd = create_event_notifier()
@@ -112,6 +117,17 @@ class KvctlFSL2Adapter(L2AdapterInterface):
                                         thread_name_prefix="kvctl-fs-l2")
         self._closed = False
         log.info("kvctl FS L2 adapter at %s", self._base)
+
+    def _sweep_temporaries(self) -> None:
+        """Remove temporary files (``kvctl.common.paths.atomic_write`` names them
+        ``.NAME.*.tmp``) that a crashed writer left behind."""
+        cutoff = time.time() - STALE_TMP_S
+        for tmp in self._base.glob(f".*{FILE_EXT}.*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except FileNotFoundError:
+                continue
 
     # ---------------------------------------------------------------- plumbing ----
     def _task_id(self) -> L2TaskId:
