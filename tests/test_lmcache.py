@@ -42,14 +42,17 @@ def adapter_json(base: Path, serde: dict) -> str:
         "serde": serde})
 
 
-def wait_files(base: Path, n: int) -> list[Path]:
+def wait_files(base: Path, keys: list) -> list[Path]:
+    """The chunk files of these keys, once all exist (polled with a deadline)."""
     deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        files = sorted(base.glob("*.kvc"))
-        if len(files) >= n:
-            return files
+    while True:
+        found = [list(base.glob(f"*@{k.chunk_hash.hex()}.kvc")) for k in keys]
+        if all(len(f) == 1 for f in found):
+            return [f[0] for f in found]
+        if time.monotonic() > deadline:
+            missing = sum(1 for f in found if not f)
+            raise AssertionError(f"{missing} of {len(keys)} chunks never reached L2")
         time.sleep(0.05)
-    raise AssertionError(f"only {len(list(base.glob('*.kvc')))} of {n} chunks reached L2")
 
 
 def l1_args(size_gb: float) -> list[str]:
@@ -142,7 +145,7 @@ def test_storage_manager_round_trip_through_l2(manager, kv_chunks):
     keys = keys_for(b"A", len(chunks))
     layout = layout_of(chunks[0])
     manager.store(keys, layout, chunks)
-    files = wait_files(manager.base, len(keys))
+    files = wait_files(manager.base, keys)
     manager.clear_l1()
 
     result = manager.prefetch(keys, layout)
@@ -157,8 +160,7 @@ def test_storage_manager_round_trip_through_l2(manager, kv_chunks):
         assert torch.equal(out, lmc_layout(codec.decode(blob)))
         assert not torch.equal(out, chunk)  # lossy: it really went through the codec
         fp16_bytes += chunk.numel() * 2
-    for key, kv in zip(keys, kv_chunks, strict=True):
-        path = next(p for p in files if key.chunk_hash.hex() in p.name)
+    for path, kv in zip(files, kv_chunks, strict=True):
         data = path.read_bytes()
         assert len(data) == len(codec.encode(kv))  # exactly the blob, no padding
         info = peek_blob(data, verify=True)
@@ -174,7 +176,7 @@ def test_second_store_of_a_key_is_a_no_op_and_l1_hits_skip_l2(manager, kv_chunks
     keys = keys_for(b"B", 1)
     layout = layout_of(chunks[0])
     manager.store(keys, layout, chunks)
-    wait_files(manager.base, 1)
+    wait_files(manager.base, keys)
     result = manager.prefetch(keys, layout)
     assert (result.l1_hit_count, result.l2_hit_count) == (1, 0)
     assert torch.equal(manager.read(keys, result)[0], chunks[0])
@@ -186,11 +188,9 @@ def test_a_corrupted_file_is_a_miss_not_garbage(manager, kv_chunks):
     chunk = lmc_layout(kv_chunks[1])
     keys = keys_for(b"X", 1)
     layout = layout_of(chunk)
-    before = {p.name for p in manager.base.glob("*.kvc")}
     manager.store(keys, layout, [chunk])
-    wait_files(manager.base, len(before) + 1)
+    (path,) = wait_files(manager.base, keys)
     manager.clear_l1()
-    (path,) = [p for p in manager.base.glob("*.kvc") if p.name not in before]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -198,7 +198,7 @@ def test_a_corrupted_file_is_a_miss_not_garbage(manager, kv_chunks):
     assert (result.l1_hit_count, result.l2_hit_count) == (0, 0)
     path.unlink()  # the manager still works: store and read the chunk again
     manager.store(keys, layout, [chunk])
-    wait_files(manager.base, len(before) + 1)
+    wait_files(manager.base, keys)
     manager.clear_l1()
     assert manager.prefetch(keys, layout).l2_hit_count == 1
     manager.sm.finish_read_prefetched(keys, 1)
@@ -212,7 +212,7 @@ def test_bf16_chunks_and_compact_level(tmp_path, kv_chunks):
         keys = keys_for(b"C", 1)
         layout = layout_of(chunk)
         m.store(keys, layout, [chunk])
-        (path,) = wait_files(tmp_path, 1)
+        (path,) = wait_files(tmp_path, keys)
         m.clear_l1()
         result = m.prefetch(keys, layout)
         assert result.l2_hit_count == 1
@@ -240,14 +240,12 @@ def test_layouts_the_codec_does_not_take_are_stored_bit_exactly(manager, kv_chun
         chunk = lmc_layout(kv)[..., :100].contiguous()
     keys = keys_for(case.encode()[:1].upper(), 1)
     layout = layout_of(chunk)
-    before = len(list(manager.base.glob("*.kvc")))
     manager.store(keys, layout, [chunk])
-    files = wait_files(manager.base, before + 1)
+    (path,) = wait_files(manager.base, keys)
     manager.clear_l1()
     result = manager.prefetch(keys, layout)
     assert result.l2_hit_count == 1
     assert torch.equal(manager.read(keys, result)[0], chunk)
-    path = next(p for p in files if keys[0].chunk_hash.hex() in p.name)
     data = path.read_bytes()
     assert data[:4] == b"KVLR"
     assert len(data) < chunk.numel() * chunk.element_size() + 256
@@ -259,12 +257,11 @@ def test_an_object_of_several_kernel_groups_is_stored_bit_exactly(manager, kv_ch
     groups = [full[:, :20].contiguous(), full[:1, 20:].to(torch.bfloat16).contiguous()]
     layout = layout_of(*groups)
     keys = keys_for(b"G", 1)
-    before = len(list(manager.base.glob("*.kvc")))
     objs = manager.sm.reserve_write(keys, layout)
     for i, g in enumerate(groups):
         objs[keys[0]].get_tensor(i).copy_(g)
     manager.sm.finish_write(keys)
-    wait_files(manager.base, before + 1)
+    wait_files(manager.base, keys)
     manager.clear_l1()
     result = manager.prefetch(keys, layout)
     assert result.l2_hit_count == 1
