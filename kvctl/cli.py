@@ -17,6 +17,7 @@ from typer.exceptions import Abort, Exit, TyperException
 from kvctl import __version__, output
 from kvctl.commands import cache, cluster, events
 from kvctl.commands.bench import bench
+from kvctl.commands.inspect import inspect
 from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.errors import EXIT_FAILURE, EXIT_INTERRUPTED, KvctlError
@@ -107,6 +108,7 @@ for fn in (cache.compress, cache.decompress):
 app.add_typer(events.app, name="events", rich_help_panel="Cache")
 for fn in (cache.lookup, cache.pin, cache.unpin, cache.move, cache.clear):
     app.command(rich_help_panel="Cache")(fn)
+app.command(rich_help_panel="Cache")(inspect)
 app.command(rich_help_panel="Tokens")(tokenize)
 for fn in (cluster.health, cluster.workers, cluster.codecs):
     app.command(rich_help_panel="Cluster")(fn)
