@@ -19,6 +19,7 @@ from kvctl import __version__
 from kvctl.commands import cache, cluster, events
 from kvctl.commands import config as config_cmd
 from kvctl.commands.bench import bench
+from kvctl.commands.inspect import inspect
 from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.errors import (
@@ -246,6 +247,7 @@ for fn in (cache.compress, cache.decompress):
 app.add_typer(events.app, name="events", rich_help_panel="Cache")
 for fn in (cache.lookup, cache.pin, cache.unpin, cache.move, cache.clear):
     app.command(rich_help_panel="Cache", epilog=EPILOG)(fn)
+app.command(rich_help_panel="Cache", epilog=EPILOG)(inspect)
 app.command(rich_help_panel="Tokens", epilog=GLOBAL_OPTIONS_HELP)(tokenize)
 for fn in (cluster.health, cluster.workers, cluster.codecs):
     app.command(rich_help_panel="Cluster", epilog=EPILOG)(fn)

@@ -193,10 +193,13 @@ class ControllerClient:
         return self.request("POST", path, body)
 
     # ---- cache operations (seed API) ----------------------------------------------------
-    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
-                 ) -> dict[str, Any]:
-        return self._post("/compress", {"instance_id": instance_id, "method": method,
-                                        "location": location, "tokens": list(tokens)})
+    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
+                 force: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"instance_id": instance_id, "method": method,
+                                "location": location, "tokens": list(tokens)}
+        if force:  # only sent when set: LMCache's controller knows no such field
+            body["force"] = True
+        return self._post("/compress", body)
 
     def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
                    ) -> dict[str, Any]:

@@ -111,6 +111,8 @@ class Operation:
     location: str
     call: Callable[[ControllerClient, list[int]], dict[str, Any]]
     wait: bool = False
+    # print the event's own warning (compress --force: chunks re-encoded by a lossy codec)
+    show_warning: bool = False
 
 
 def run_operation(st: State, op: Operation, ids: list[int]) -> None:
@@ -128,6 +130,10 @@ def run_operation(st: State, op: Operation, ids: list[int]) -> None:
         if isinstance(n, int) and n < len(ids):
             st.out.note(f"{n} of {len(ids)} tokens have stored KV in {op.location} (a stored "
                         "prefix, chunk by chunk); scheduling those")
+        if op.show_warning:
+            warning = client.event(str(reply["event_id"])).get("warning")
+            if warning:
+                st.out.warn(str(warning))
         finish_op(st, client, reply, op.wait, f"{op.what} of {len(ids)} tokens scheduled")
 
 

@@ -29,6 +29,9 @@ def compress(
     method: MethodOpt = DEFAULT_METHOD,
     location: LocationOpt = DEFAULT_LOCATION,
     wait: WaitOpt = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also re-encode chunks another lossy codec already holds (their "
+                        "losses add up); refused without it.")] = False,
 ) -> None:
     """Compress the stored KV of a prompt (or token ids) in a location.
 
@@ -37,8 +40,9 @@ def compress(
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
     inst = st.settings.instance_id
-    run_operation(st, Operation("compress", location, wait=wait, call=lambda c, t: c.compress(
-        inst, method, location, t)), ids)
+    run_operation(st, Operation("compress", location, wait=wait, show_warning=force,
+                                call=lambda c, t: c.compress(inst, method, location, t,
+                                                             force=force)), ids)
 
 
 def decompress(
@@ -67,7 +71,8 @@ def lookup(
     tokens: TokensOpt = None,
     tokens_file: TokensFileOpt = None,
 ) -> None:
-    """Show where the longest stored prefix of a prompt's KV lives (exit 2 if nowhere)."""
+    """Show where the longest stored prefix of a prompt's KV lives, tier by tier (exit 2 if
+    nowhere)."""
     from kvctl.errors import Rejected
 
     st = state(ctx)
@@ -75,9 +80,15 @@ def lookup(
     with st.client() as client:
         reply = client.lookup(ids)
     layout = reply.get("layout_info") or {}
-    st.out.result(reply, lambda: kv_table(
-        [(inst, loc, f"{matched}/{len(ids)}") for inst, (loc, matched) in layout.items()],
-        ("instance", "location", "matched tokens")) if layout else None)
+    # kvctl's controller adds every tier holding the prefix; LMCache's names only the best
+    tiers = reply.get("tiers") or {}
+    rows = []
+    for inst, (loc, matched) in layout.items():
+        per_tier = tiers.get(inst) or {loc: matched}
+        for tier, n in per_tier.items():
+            rows.append((inst, tier, f"{n}/{len(ids)}", "best" if tier == loc else ""))
+    st.out.result(reply, lambda: kv_table(rows, ("instance", "location", "matched tokens", ""))
+                  if rows else None)
     if not layout:
         raise Rejected(f"nothing matched: no stored KV for any prefix of these {len(ids)} "
                        "tokens")
