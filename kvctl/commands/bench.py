@@ -6,17 +6,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+from kvctl.errors import EXIT_USAGE, KvctlError, UsageError
 
 if TYPE_CHECKING:
     from kvctl.common.bench import BenchReport, SuiteReport
 
 
-def _fail(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+def _fail(msg: str, code: int) -> NoReturn:
+    # the root command prints it, as for every other command (kvctl/cli.py)
+    raise UsageError(msg) if code == EXIT_USAGE else KvctlError(msg, code)
 
 
 def bench(
