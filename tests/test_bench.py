@@ -209,3 +209,36 @@ def test_suite_end_to_end_reports_both_models(app, tmp_path):
     assert "## SmolLM2-135M-Instruct" in table and "## gemma-3-270m" in table
     assert table.count("| int8 | 8.") == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.model
+def test_gemma3_engine_serves_a_prompt_longer_than_its_window_from_cached_kv(gemma):
+    """A prompt past Gemma 3's 512-token sliding window: stored KV has every token on every
+    layer, and the second request, read through it, continues exactly as the model does."""
+    import anyio
+
+    from kvctl.common import bench as b
+    from kvctl.server.app import create_app
+    from kvctl.server.config import ServerSettings
+    from kvctl.server.engine import CompletionRequest, Engine
+
+    lm, tok = gemma
+    prompt = b.SUITE["faq"].read_text(encoding="utf-8")[:3000]
+    ids = list(tok(prompt)["input_ids"])
+    assert len(ids) > 600
+    with torch.inference_mode():
+        own = lm.model.generate(torch.tensor([ids]), max_new_tokens=4, min_new_tokens=4,
+                                do_sample=False)[0, len(ids):].tolist()
+
+    async def run() -> tuple:
+        controller = create_app(ServerSettings(model="none"))
+        async with controller.router.lifespan_context(controller):
+            engine = Engine(lm, tok, controller.state.runtime, [lm.name])
+            req = CompletionRequest(prompt=prompt, max_tokens=4, temperature=0)
+            first = await anyio.to_thread.run_sync(engine.generate, req)
+            second = await anyio.to_thread.run_sync(engine.generate, req)
+            return first, second
+
+    first, second = anyio.run(run)
+    assert first.cached_tokens == 0 and second.cached_tokens > 512
+    assert first.text == second.text == tok.decode(own, skip_special_tokens=True)

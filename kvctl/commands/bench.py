@@ -35,24 +35,28 @@ def bench(
                         "licence, FAQ, changelog, German, Russian, chat) on every embedded "
                         "model, and report each codec's mean and worst text.")] = False,
     model: Annotated[list[str] | None, typer.Option(
-        "--model", help="Model whose KV is benchmarked: smollm2 or gemma3 (embedded), a "
-                        "local directory or .gguf file. Repeatable with --suite. [default: "
-                        "smollm2; with --suite, both embedded models]")] = None,
+        "--model", metavar="MODEL", show_default=False,
+        help="Model whose KV is benchmarked: smollm2 or gemma3 (embedded), a local directory "
+             "or .gguf file. Repeatable with --suite. \\[default: smollm2; with --suite, "
+             "both embedded models]")] = None,
     texts: Annotated[int | None, typer.Option(
-        "--texts", min=1, help="With --suite: only the first N kinds of text (quicker). "
-                               "[default: all]")] = None,
-    kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help="With --suite: only this kind of text (repeatable), e.g. german.")
+        "--texts", min=1, metavar="N", show_default=False,
+        help="With --suite: only the first N kinds of text (quicker). \\[default: all]")
     ] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", metavar="KIND", show_default=False,
+        help="With --suite: only this kind of text (repeatable), e.g. german.")] = None,
     codec: Annotated[list[str] | None, typer.Option(
-        "--codec", help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, "
-                        "int8, kivi-2, kivi-4, fp8 (default: all of them).")] = None,
+        "--codec", metavar="METHOD", show_default=False,
+        help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, int8, kivi-2, "
+             "kivi-4, fp8. \\[default: all of them]")] = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose KV is compressed.")] = 512,
     continuation: Annotated[int, typer.Option(
         help="Tokens the model then reads through the decoded KV.")] = 256,
     chunk_size: Annotated[int, typer.Option(help="Tokens per encoded chunk.")] = 256,
     repeats: Annotated[int | None, typer.Option(
-        help="Timed runs per chunk (median). [default: 3; 1 with --suite, whose speed is "
+        metavar="N", show_default=False,
+        help="Timed runs per chunk (median). \\[default: 3; 1 with --suite, whose speed is "
              "the median over its texts]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
                        ] = False,
