@@ -602,7 +602,10 @@ def test_ctrl_c_stops_watching_with_130(cli_env):
     with serve_app(app) as url:
         proc = subprocess.Popen([sys.executable, "-m", "kvctl", "events", "watch", "e",
                                  "--controller", url], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+                                # A background job of a non-interactive shell (CI) inherits
+                                # SIGINT ignored, and Python keeps it ignored: reset it.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while len(polls) < 2:  # the initial read and at least one poll: it is watching
