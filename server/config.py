@@ -67,6 +67,11 @@ class ServerSettings(BaseModel):
     torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
     max_request_tokens: int = Field(1_000_000, ge=1)
     max_events: int = Field(10_000, ge=10)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024,
+                                description="largest request body, chunked or not (413 beyond)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names accepted on loopback besides localhost "
+                                          "(DNS rebinding protection)")
     engine_location: str = "LocalCPUBackend"
 
     @field_validator("lmcache_instance_id")

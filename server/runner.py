@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 
 from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
+from kvctl.server.limits import install_guards
 from kvctl.server.routers import events
 from kvctl.server.worker import WorkerRuntime
 
@@ -28,6 +29,7 @@ def create_monitor_app(runtime: WorkerRuntime) -> FastAPI:
 
     app = FastAPI(title="kvctl monitor")
     app.state.runtime = runtime
+    install_guards(app, runtime.settings)
     app.include_router(events.router)
 
     @app.get("/metrics")
