@@ -8,6 +8,7 @@ e.g. Starlette's ``TestClient(app)``, an ``httpx.Client`` subclass.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,6 +90,9 @@ class ControllerClient:
         self._owned = http is None
         self.http = http if http is not None else httpx.Client(base_url=self.base_url,
                                                                timeout=timeout)
+        # for a server run with --auth-token (never printed: errors show the detail only)
+        token = os.environ.get("KVCTL_AUTH_TOKEN")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ControllerClient:
@@ -110,7 +114,7 @@ class ControllerClient:
                 params: dict[str, Any] | None = None) -> Any:
         """Send one request; return the decoded JSON body or raise a KvctlError."""
         try:
-            r = self.http.request(method, path, json=body, params=params)
+            r = self.http.request(method, path, json=body, params=params, headers=self.headers)
         except httpx.ConnectError:
             raise KvctlError(start_hint(self.base_url)) from None
         except httpx.TimeoutException:

@@ -7,6 +7,7 @@
 * ``HostCheck``: a connection that arrived on a loopback address must name a loopback host
   (or one of ``allowed_hosts``). A web page whose DNS name was rebound to 127.0.0.1 sends
   its own name in ``Host`` and is refused, so a browser cannot be used to reach the API.
+* ``BearerAuth`` (``auth.py``): with ``auth_token`` set, no request without it.
 * ``RedactResponses`` (``redact.py``): no secret leaves in a response body.
 """
 
@@ -155,11 +156,16 @@ class HostCheck:
 
 def install_guards(app: Any, settings: Any) -> None:
     """Wrap a FastAPI/Starlette ``app`` in every guard, configured from ``settings``
-    (``max_body_bytes``, ``allowed_hosts``, ``remote_url`` whose password is registered for
-    redaction). Call once per app, before it starts."""
+    (``max_body_bytes``, ``allowed_hosts``, ``auth_token``, and ``remote_url`` whose password
+    is registered for redaction). Call once per app, before it starts."""
+    from kvctl.server.auth import BearerAuth
+
     redact.install_logging()
     redact.register_url(settings.remote_url)
-    # add_middleware puts the last one added outermost
+    # add_middleware puts the last one added outermost: Host, then the token, are checked
+    # before a byte of the body is read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.auth_token:
+        app.add_middleware(BearerAuth, token=settings.auth_token)
     app.add_middleware(HostCheck, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(redact.RedactResponses)

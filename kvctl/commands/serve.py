@@ -13,8 +13,8 @@ def serve(
         "--config", "-c", envvar="LMCACHE_CONFIG_FILE", dir_okay=False,
         help="LMCache-style YAML config (both seed files work unchanged).")] = None,
     host: Annotated[str | None, typer.Option(
-        help="Address to bind. Default 127.0.0.1; anything else exposes an unauthenticated "
-             "API.")] = None,
+        help="Address to bind. Default 127.0.0.1; anything else needs --auth-token (or "
+             "--insecure).")] = None,
     port: Annotated[int | None, typer.Option(help="Controller port. [default: 9000]")] = None,
     monitor_port: Annotated[int | None, typer.Option(
         help="Monitor port (metrics, events). [default: 9001]")] = None,
@@ -26,6 +26,12 @@ def serve(
     codec_threads: Annotated[int | None, typer.Option(
         help="Codec jobs run at once. [default: 1]")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    auth_token: Annotated[str | None, typer.Option(
+        envvar="KVCTL_AUTH_TOKEN", show_envvar=True,
+        help="Require this bearer token on every port (prefer the environment variable: "
+             "flags show in `ps`).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Allow a non-loopback --host without --auth-token.")] = False,
 ) -> None:
     """Run the controller, the codec worker and the inference engine in one process."""
     import logging
@@ -34,7 +40,8 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     overrides = {"host": host, "port": port, "monitor_port": monitor_port,
-                 "engine_port": engine_port, "model": model, "codec_threads": codec_threads}
+                 "engine_port": engine_port, "model": model, "codec_threads": codec_threads,
+                 "auth_token": auth_token, "insecure": insecure or None}
     try:
         settings = build_settings(config, overrides)
     except ConfigError as exc:
