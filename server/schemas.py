@@ -36,7 +36,8 @@ def check_text(text: str) -> str:
     return text
 
 
-TokenIds = Annotated[list[int], Field(max_length=MAX_REQUEST_TOKENS),
+# fail_fast: a million bad items make one error, not a million-part detail
+TokenIds = Annotated[list[int], Field(max_length=MAX_REQUEST_TOKENS, fail_fast=True),
                      AfterValidator(check_token_ids)]
 Text = Annotated[str, AfterValidator(check_text)]
 TokenList = TokenIds

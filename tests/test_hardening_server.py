@@ -116,6 +116,12 @@ def test_out_of_range_token_ids_are_422_on_every_endpoint(stack, bad):
     assert "tokens[2]" in r.json()["detail"]
 
 
+def test_many_malformed_ids_make_one_short_detail(stack):
+    r = httpx.post(stack.controller + "/lookup", json={"tokens": ["x"] * 50_000})
+    assert r.status_code == 422
+    assert len(r.json()["detail"]) < 300, len(r.text)
+
+
 def test_largest_valid_token_id_is_accepted(stack):
     r = httpx.post(stack.controller + "/lookup", json={"tokens": [0, 2**31 - 1]})
     assert r.status_code == 200, r.text
