@@ -173,6 +173,8 @@ def check_depth(raw: bytes, limit: int) -> None:
     end in an untyped ``RecursionError``. Strings are blanked first (brackets inside them do
     not nest); on malformed JSON the count may be off, which the parser then reports.
     """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return  # the common case, in a microsecond: too few brackets to nest that deep
     code = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
     step = ((code == ord("[")) | (code == ord("{"))).astype(np.int32)
     step -= ((code == ord("]")) | (code == ord("}"))).astype(np.int32)
