@@ -22,26 +22,6 @@ if TYPE_CHECKING:
 FP16_MAX = 65504.0
 
 
-def rans_elements_per_byte(prob_bits: int, alphabet: int, state_bits: int = 16,
-                           word_bits: int = 16) -> int:
-    """The most symbols a *valid* rANS stream can carry per byte (rounded up, plus one).
-
-    Every symbol keeps a frequency of at least 1, so the likeliest has at most
-    ``2**prob_bits - (alphabet - 1)``. Decoding a symbol maps a state x >= 2**state_bits to
-    ``f * (x >> prob_bits) + (x % 2**prob_bits) - cum``, which shrinks log2(x) by at least
-    ``-log2((f*a + 2**p - 1) / (2**p*a + 2**p - 1))`` with ``a = 2**(state_bits -
-    prob_bits)``; a refill word adds at most ``word_bits + log2(1 + 1/a)`` bits. A stream
-    that ends in its final state therefore carries at most (refill bits) / (shrink bits)
-    symbols per word. This is what bounds a cachegen payload's element count.
-    """
-    p = 1 << prob_bits
-    a = 1 << (state_bits - prob_bits)
-    f = p - (alphabet - 1)
-    shrink = -math.log2((f * a + p - 1) / (p * a + p - 1))
-    grow = word_bits + math.log2(1 + 1 / a)
-    return math.floor(grow / shrink * 8 / word_bits) + 1
-
-
 @runtime_checkable
 class Codec(Protocol):
     """What every codec offers. ``params`` is JSON-serialisable and travels in each blob."""
@@ -77,7 +57,7 @@ class BaseCodec:
     name: str = ""
     lossless: bool = False
     #: The most elements one payload byte can physically decode to (raw fp16: 0.5; int8,
-    #: fp8: 1; 1-bit KIVI: 8; entropy coders: see ``rans_elements_per_byte``). A header
+    #: fp8: 1; 1-bit KIVI: 8; rANS-coded: ``rans.elements_per_byte``). A header
     #: claiming more is refused before anything is allocated, so a decoder's work and
     #: memory stay proportional to the payload it was given, checksum or not.
     max_elements_per_byte: float = 1.0

@@ -54,8 +54,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 MAX_ELEMENTS = 1 << 32
 MAX_DIM = (1 << 31) - 1
 # No codec decodes more elements than this from one payload byte: the most compressible
-# one, cachegen's rANS coder, is physically limited to about 383 (base.py,
-# rans_elements_per_byte). A codec that could exceed it must raise this bound.
+# one, cachegen's rANS coder, is physically limited to about 383 (rans.elements_per_byte).
+# A codec that could exceed it must raise this bound.
 MAX_ELEMENTS_PER_BYTE = 512
 # {"codec", "params": {...}, "shape": [...]} is 2 deep; a little room for structured params.
 MAX_HEADER_DEPTH = 8

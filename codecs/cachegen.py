@@ -36,11 +36,11 @@ import numpy as np
 
 from kvctl.codecs import predict
 from kvctl.codecs._io import Reader, tensor_bytes
-from kvctl.codecs.base import FP16_MAX, BaseCodec, rans_elements_per_byte, register, torch_dtype
+from kvctl.codecs.base import FP16_MAX, BaseCodec, register, torch_dtype
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
 from kvctl.codecs.profiles import layer_profile
-from kvctl.codecs.rans import PROB_BITS, Bank
+from kvctl.codecs.rans import Bank, elements_per_byte
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ class CacheGenCodec(BaseCodec):
     """
 
     name = "cachegen"
-    max_elements_per_byte = rans_elements_per_byte(PROB_BITS, ALPHABET)
+    max_elements_per_byte = elements_per_byte(ALPHABET)
 
     def __init__(self, level: str = "default") -> None:
         if level not in LEVELS:

@@ -1,7 +1,8 @@
 """Guards every kvctl HTTP app wears (controller, monitor, worker, engine): one call,
 ``install_guards(app, settings)``.
 
-* ``BodyLimit``: the body cap is enforced on the stream itself. ``Content-Length`` is
+* ``BodyLimit``: the body cap is enforced on the stream itself (and the request target is
+  bounded too, so no route echoes a 100 KB path). ``Content-Length`` is
   checked first, but a chunked body has none, so every received chunk is counted and the
   request is answered 413 as soon as the count passes the cap; nothing past it is read.
 * ``HostCheck``: a connection that arrived on a loopback address must name a loopback host
@@ -29,6 +30,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# Path plus query string: kvctl's longest is /events/<event id>; a longer target is refused
+# (414) before a route could echo it back in a 404.
+MAX_TARGET_BYTES = 512
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]", "localhost.localdomain"})
 
 
@@ -71,6 +75,12 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        target = len(scope.get("raw_path") or scope["path"].encode()) + len(
+            scope.get("query_string", b""))
+        if target > MAX_TARGET_BYTES:
+            await _answer(send, 414, f"request target of {target} B exceeds the "
+                                     f"{MAX_TARGET_BYTES} B limit")
             return
         length = _header(scope, b"content-length")
         if length is not None:

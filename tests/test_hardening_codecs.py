@@ -28,7 +28,7 @@ from kvctl.codecs import (
 )
 from kvctl.codecs import blob as blobmod
 from kvctl.codecs.blob import pack, unpack
-from kvctl.codecs.rans import PROB_BITS, Bank
+from kvctl.codecs.rans import Bank
 
 METHODS = available_methods()
 
@@ -87,7 +87,9 @@ def test_issue_bomb_2_30_tokens_in_a_tiny_blob_fails_before_allocating():
     peak, err = peak_bytes(lambda: decode_blob(bomb))
     assert isinstance(err, BlobError), err
     assert "claims" in str(err)
-    assert peak < 64 * 1024, peak
+    # what the header claims would be gigabytes; the slack absorbs other threads of the
+    # test process (peak RSS is process-wide)
+    assert peak < 8 * 1024 * 1024, peak
     # peek_blob (which the server uses to read token counts) refuses it too
     with pytest.raises(CorruptBlobError):
         peek_blob(bomb)
@@ -111,7 +113,10 @@ def test_any_codec_with_inflated_token_count_is_refused_cheaply(method, factor):
     # A claim the payload could hold may cost what a real blob of that shape costs; one it
     # could not is refused before any of it is allocated.
     out_bytes = 2 * claimed if admitted else 0
-    assert peak <= baseline + 10 * (len(forged) + out_bytes), (peak, baseline, len(forged))
+    # 4 MiB of slack for other threads of the test process (peak RSS is process-wide); the
+    # largest refused claim here is a gigabyte
+    assert peak <= baseline + 10 * (len(forged) + out_bytes) + 4 * 1024 * 1024, (
+        peak, baseline, len(forged))
 
 
 @pytest.mark.parametrize("dims", [
@@ -195,7 +200,7 @@ def test_every_codec_bound_fits_the_container_bound():
 def test_rans_bound_holds_for_the_densest_possible_stream():
     """All symbols at the centre of the narrowest table is the cheapest stream the coder can
     write; its symbols per byte must not exceed the bound (and the bound is not loose)."""
-    from kvctl.codecs.base import rans_elements_per_byte
+    from kvctl.codecs.rans import elements_per_byte
 
     bank = Bank(64, 31)
     table = int(np.argmax(bank.freq[:, 31]))
@@ -204,7 +209,7 @@ def test_rans_bound_holds_for_the_densest_possible_stream():
     ctx = np.full((1, 4), table, dtype=np.uint8)
     words = bank.encode(sym, ctx)
     per_byte = sym.size / (2 * words.size)
-    bound = rans_elements_per_byte(PROB_BITS, 64)
+    bound = elements_per_byte(64)
     assert per_byte <= bound
     assert per_byte > 0.9 * bound, (per_byte, bound)
     assert np.array_equal(bank.decode(words, sym.shape, ctx), sym)

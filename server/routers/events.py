@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 
 from kvctl.server.events import FAILED, FINISHED, QUEUED, RUNNING
-from kvctl.server.schemas import (
-    MAX_NAME_CHARS,
-    CheckFinishRequest,
-    CheckFinishResponse,
-    EventList,
-    EventModel,
-)
+from kvctl.server.schemas import CheckFinishRequest, CheckFinishResponse, EventList, EventModel
 
 router = APIRouter(tags=["events"])
 
@@ -45,7 +39,6 @@ async def list_events(
 
 
 @router.get("/events/{event_id}", response_model=EventModel)
-async def get_event(event_id: Annotated[str, Path(max_length=MAX_NAME_CHARS)], request: Request
-                    ) -> dict:
+async def get_event(event_id: str, request: Request) -> dict:
     """The whole event: progress, bytes before and after, error, timestamps."""
     return _get(request, event_id)
