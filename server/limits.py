@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -147,7 +148,11 @@ class HostCheck:
 
     def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str] = ()) -> None:
         self.app = app
-        self.allowed = LOOPBACK_NAMES | {h.strip().lower() for h in allowed_hosts}
+        # The machine's own name too: Debian maps it to 127.0.1.1, so local workers that
+        # address this server by hostname arrive on loopback; a rebinding page cannot send
+        # it (its Host is the attacker's domain).
+        self.allowed = (LOOPBACK_NAMES | {socket.gethostname().lower()}
+                        | {h.strip().lower() for h in allowed_hosts})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):

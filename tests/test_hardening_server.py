@@ -307,7 +307,8 @@ def test_foreign_host_header_is_refused_on_loopback(stack, which):
     r = httpx.get(url + path, headers={"Host": f"attacker.example:{port}"})
     assert r.status_code == 421, r.text
     assert "DNS rebinding" in r.json()["detail"]
-    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost",
+                 f"[::1]:{port}", f"{socket.gethostname()}:{port}"):
         r = httpx.get(url + path, headers={"Host": host})
         assert r.status_code == 200, (host, r.text)
 
