@@ -204,13 +204,61 @@ def _mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
     return bytes(b)
 
 
+_CODECS = ["raw", "int8", "fp8", "kivi", "cachegen", "zstd", ""]
+_PARAMS = [{}, {"level": "default"}, {"level": "compact"}, {"level": [1]}, {"bits": 1},
+           {"bits": 2, "group": 4096}, {"bits": 8, "group": 1}, {"group": 0}, {"bits": True}]
+
+
+def structured_mutation(rng: random.Random, data: bytes) -> bytes:
+    """Edit a blob's header as a header (shape, codec, params, dtype) or cut its payload,
+    then let mode 1 or 2 re-checksum it: byte flips alone rarely produce a header that
+    parses, and a header that parses is where a decoder meets a lying shape."""
+    if len(data) < 1 + _PREFIX.size or data[1:5] != b"KVZ1":
+        return data
+    blob = data[1:]
+    hlen = _PREFIX.unpack_from(blob, 0)[3]
+    off = _PREFIX.size + hlen
+    try:
+        hdr = json.loads(blob[_PREFIX.size:off])
+        payload = blob[off + 8:-4]
+        shape = list(hdr["shape"])
+    except (ValueError, KeyError, TypeError, RecursionError):  # the seed is hostile itself
+        return data
+    what = rng.randrange(5)
+    if what == 0 and shape:
+        i = rng.randrange(len(shape))
+        x = shape[i] if type(shape[i]) is int else 1
+        shape[i] = rng.choice([0, 1, 2, x + 1, max(x - 1, 0), 2 * x, x // 2, 2**rng.randrange(40),
+                               -1, 2**64])
+        hdr["shape"] = shape
+    elif what == 1:
+        hdr["codec"] = rng.choice(_CODECS)
+    elif what == 2:
+        hdr["params"] = rng.choice(_PARAMS)
+    elif what == 3:
+        hdr["dtype"] = rng.choice(["float16", "bfloat16", "float32", "int8", None])
+    else:
+        cut = rng.randrange(len(payload) + 1)
+        payload = payload[:cut] if rng.random() < 0.5 else payload + payload[cut:]
+    head = json.dumps(hdr, separators=(",", ":")).encode()
+    if len(head) > 0xFFFF:
+        return data
+    body = (_PREFIX.pack(b"KVZ1", 1, 0, len(head)) + head + struct.pack("<Q", len(payload))
+            + payload)
+    return bytes([rng.choice([1, 2])]) + body + b"\0\0\0\0"
+
+
 def mutate_loop(target: Target, seconds: float, corpus: list[bytes], seed: int = 0) -> None:
     rng = random.Random(seed)
     deadline = time.monotonic() + seconds
     for data in corpus:
         target(data)
     while time.monotonic() < deadline:
-        target(_mutate(rng, rng.choice(corpus), corpus))
+        seed = rng.choice(corpus)
+        if rng.random() < 0.5:
+            target(structured_mutation(rng, seed))
+        else:
+            target(_mutate(rng, seed, corpus))
 
 
 def write_corpus(directory: Path) -> None:
@@ -278,7 +326,14 @@ def main(argv: list[str]) -> None:
         mutate_loop(target, args.mutate or 20.0, load_corpus(dirs))
         target.write_stats(force=True)
         return
-    atheris.Setup([argv[0], *args.rest], target)
+    def mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        # half libFuzzer's byte-level mutations, half header-aware edits
+        rng = random.Random(seed)
+        if rng.random() < 0.5:
+            return atheris.Mutate(data, max_size)
+        return structured_mutation(rng, data)[:max_size]
+
+    atheris.Setup([argv[0], *args.rest], target, custom_mutator=mutator)
     atheris.Fuzz()
 
 
