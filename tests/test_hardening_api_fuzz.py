@@ -75,6 +75,11 @@ def broken(draw, bodies: dict[str, dict]) -> tuple[str, str]:
     return path, json.dumps(draw(json_values))
 
 
+# one client for every example: creating one per request (its TLS context) costs more than
+# the request itself
+HTTP = httpx.Client(timeout=120)
+
+
 def _check(r: httpx.Response, what: str) -> None:
     assert r.status_code < 500, (what, r.status_code, r.text[:500])
     if r.status_code >= 400:
@@ -91,8 +96,8 @@ FUZZ = settings(max_examples=250, deadline=None,
 @given(case=broken(CONTROLLER))
 def test_controller_never_answers_5xx(stack, case):  # noqa: F811
     path, body = case
-    r = httpx.post(stack.controller + path, content=body,
-                   headers={"content-type": "application/json"}, timeout=60)
+    r = HTTP.post(stack.controller + path, content=body,
+                  headers={"content-type": "application/json"})
     _check(r, f"{path} {body[:300]}")
 
 
@@ -101,8 +106,8 @@ def test_controller_never_answers_5xx(stack, case):  # noqa: F811
 @given(case=broken(ENGINE))
 def test_engine_never_answers_5xx(stack, case):  # noqa: F811
     path, body = case
-    r = httpx.post(stack.engine + path, content=body,
-                   headers={"content-type": "application/json"}, timeout=120)
+    r = HTTP.post(stack.engine + path, content=body,
+                  headers={"content-type": "application/json"})
     _check(r, f"{path} {body[:300]}")
 
 
@@ -121,8 +126,8 @@ def test_event_views_never_answer_5xx(stack, status, limit, event_id):  # noqa: 
     query = "&".join(f"{k}={pct(v)}" for k, v in (("status", status), ("limit", limit))
                      if v is not None)
     for base in (stack.controller, stack.monitor):
-        _check(httpx.get(f"{base}/events?{query}"), f"/events?{query}")
-        _check(httpx.get(f"{base}/events/{pct(event_id)}"), f"/events/{event_id!r}")
+        _check(HTTP.get(f"{base}/events?{query}"), f"/events?{query}")
+        _check(HTTP.get(f"{base}/events/{pct(event_id)}"), f"/events/{event_id!r}")
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"null", b"[]", b'{"tokens": NaN}',
@@ -131,6 +136,5 @@ def test_event_views_never_answer_5xx(stack, status, limit, event_id):  # noqa: 
 def test_unparseable_bodies_are_4xx(stack, raw):  # noqa: F811
     for base, paths in ((stack.controller, CONTROLLER), (stack.engine, ENGINE)):
         for path in paths:
-            r = httpx.post(base + path, content=raw,
-                           headers={"content-type": "application/json"}, timeout=60)
+            r = HTTP.post(base + path, content=raw, headers={"content-type": "application/json"})
             _check(r, f"{path} {raw[:40]!r}")
