@@ -87,7 +87,7 @@ def _check(r: httpx.Response, what: str) -> None:
         assert detail, (what, r.text[:500])
 
 
-FUZZ = settings(max_examples=250, deadline=None,
+FUZZ = settings(max_examples=500, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
@@ -111,7 +111,7 @@ def test_engine_never_answers_5xx(stack, case):  # noqa: F811
     _check(r, f"{path} {body[:300]}")
 
 
-@settings(max_examples=100, deadline=None,
+@settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(status=st.one_of(st.none(), st.text(max_size=30) | surrogates),
        limit=st.one_of(st.none(), st.integers(min_value=-(2**70), max_value=2**70),
