@@ -47,8 +47,11 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
             if owned:
                 app.state.runtime.close()
 
+    # No /docs or /redoc: FastAPI's pages load their JavaScript from a CDN, blank on an
+    # offline machine. The API description is /openapi.json (README, "HTTP API").
     app = FastAPI(title="kvctl controller", version=__version__, lifespan=lifespan,
-                  description="LMCache-compatible cache controller with tracked events.")
+                  description="LMCache-compatible cache controller with tracked events.",
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.include_router(cache.router)
     app.include_router(events.router)

@@ -27,6 +27,7 @@ from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.app import describe_validation
 from kvctl.server.limits import install_guards
 from kvctl.server.schemas import Text, TokenIds
+from kvctl.server.storage import StorageError
 from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.engine")
@@ -114,7 +115,13 @@ class Engine:
                                      f"({req.max_tokens}) exceeds max_model_len "
                                      f"{self.lm.max_model_len}")
         # The last prompt token is always recomputed: its logits start the generation.
-        n_cached, cached_kv = self.runtime.load_prefix(ids, max_tokens=len(ids) - 1)
+        # Read-through: each stored chunk from the fastest tier holding it. A store that
+        # cannot answer means recomputing, never a failed completion.
+        try:
+            n_cached, cached_kv = self.runtime.load_prefix(ids, max_tokens=len(ids) - 1)
+        except StorageError as exc:
+            log.warning("cached KV unavailable (%s); computing the whole prompt", exc)
+            n_cached, cached_kv = 0, None
         model = self.lm.model
         dev = self.lm.device
         dtype = next(model.parameters()).dtype
@@ -130,8 +137,12 @@ class Engine:
             step = torch.tensor([ids[n_cached:]], device=dev)
             res = model(input_ids=step, cache=cache, use_cache=True)
             cache = res.cache
-            # fp16, as a serving engine's paged cache would hold it
-            self.runtime.store_kv(ids, kv_from_cache(cache).to(torch.float16).cpu())
+            # fp16, as a serving engine's paged cache would hold it; written through to every
+            # tier. A store that is full or down leaves this completion uncached, not failed.
+            try:
+                self.runtime.store_kv(ids, kv_from_cache(cache).to(torch.float16).cpu())
+            except StorageError as exc:
+                log.warning("prompt KV not stored (%s); served uncached", exc)
             logits = res.logits[0, -1]
             for _ in range(req.max_tokens):
                 nxt = _sample(logits, req.temperature, req.top_p, gen)

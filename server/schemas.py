@@ -59,6 +59,8 @@ class CompressRequest(_Body):
     method: str
     location: str
     tokens: TokenList
+    force: bool = Field(False, description="compress chunks another lossy codec already "
+                                           "holds (their losses add up)")
 
 
 class OpResponse(BaseModel):
@@ -72,7 +74,10 @@ class LookupRequest(_Body):
 
 class LookupResponse(BaseModel):
     event_id: str
+    # LMCache's field, unchanged: per instance, the location with the longest prefix
     layout_info: dict[str, tuple[str, int]]
+    # kvctl's detail beside it: per instance, tokens of the prefix each location holds
+    tiers: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 class ClearRequest(_Body):
@@ -153,6 +158,8 @@ class EventModel(BaseModel):
     bytes_before: int
     bytes_after: int
     error: str | None
+    chunk_codecs: list[list[str]] = Field(default_factory=list)
+    warning: str | None = None
     created_at: float
     started_at: float | None
     finished_at: float | None

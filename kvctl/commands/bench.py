@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
+from kvctl.errors import EXIT_USAGE, KvctlError, UsageError
 
-def _fail(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+
+def _fail(msg: str, code: int) -> NoReturn:
+    # the root command prints it, as for every other command (kvctl/cli.py)
+    raise UsageError(msg) if code == EXIT_USAGE else KvctlError(msg, code)
 
 
 def bench(
