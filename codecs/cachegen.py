@@ -43,7 +43,7 @@ from kvctl.codecs.base import FP16_MAX, BaseCodec, dtype_name, register, torch_d
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
 from kvctl.codecs.profiles import layer_profile
-from kvctl.codecs.rans import Bank
+from kvctl.codecs.rans import Bank, elements_per_byte
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,7 @@ class CacheGenCodec(BaseCodec):
     """
 
     name = "cachegen"
+    max_elements_per_byte = elements_per_byte(ALPHABET)
 
     def __init__(self, level: str = "default") -> None:
         if level not in LEVELS:

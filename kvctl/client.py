@@ -12,6 +12,7 @@ point it at real servers on loopback ports).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -125,7 +126,11 @@ class ControllerClient:
     def __init__(self, base_url: str, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        # for a server run with --auth-token: every request carries it (never printed:
+        # errors show the server's detail only)
+        token = os.environ.get("KVCTL_AUTH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._peer: Peer | None = None
 
     def close(self) -> None:

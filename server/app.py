@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from kvctl import __version__
 from kvctl.server.config import ServerSettings
+from kvctl.server.limits import install_guards
 from kvctl.server.routers import cache, cluster, events
 from kvctl.server.storage import StorageError
 from kvctl.server.worker import RequestError, WorkerRuntime
@@ -55,6 +56,7 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     app.include_router(cache.router)
     app.include_router(events.router)
     app.include_router(cluster.router)
+    install_guards(app, settings)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:

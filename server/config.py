@@ -15,10 +15,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvctl.server.redact import redact
+
 log = logging.getLogger("kvctl.server")
 
 DEFAULT_INSTANCE_ID = "lmcache_default_instance"
 CONFIG_ENV = "LMCACHE_CONFIG_FILE"
+AUTH_TOKEN_ENV = "KVCTL_AUTH_TOKEN"
 
 # LMCache keys that are meaningful upstream but configure nothing in the bundled server:
 # accepted (a real LMCache config loads) and named in a warning.
@@ -78,6 +81,21 @@ class ServerSettings(BaseModel):
     max_events: int = Field(10_000, ge=10)
     remote_key_prefix: str = Field("kvctl", min_length=1, max_length=200,
                                    description="prefix of every Redis key kvctl writes")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024,
+                                description="largest request body, chunked or not (413 beyond)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names accepted on loopback besides localhost "
+                                          "(DNS rebinding protection)")
+    auth_token: str | None = Field(None, repr=False, description="bearer token every port "
+                                   "requires (also $KVCTL_AUTH_TOKEN)")
+    insecure: bool = Field(False, description="allow a non-loopback host without auth_token")
+
+    @field_validator("auth_token")
+    @classmethod
+    def _usable_token(cls, v: str | None) -> str | None:
+        from kvctl.server.auth import check_token
+
+        return check_token(v) if v else None
 
     @field_validator("lmcache_instance_id")
     @classmethod
@@ -128,7 +146,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        # never echo a secret: the token not at all, URLs without their credentials
+        got = "hidden" if key == "auth_token" else redact(repr(err.get("input")))
+        parts.append(f"{key}: {err['msg']} (got {got})")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -175,6 +195,8 @@ def build_settings(config_file: str | os.PathLike[str] | None = None,
     """
     source = str(config_file or os.environ.get(CONFIG_ENV) or "")
     data = load_config_file(source) if source else {}
+    if os.environ.get(AUTH_TOKEN_ENV):  # the environment beats the file, a flag beats both
+        data["auth_token"] = os.environ[AUTH_TOKEN_ENV]
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return ServerSettings(**data)

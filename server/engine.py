@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.app import describe_validation
+from kvctl.server.limits import install_guards
+from kvctl.server.schemas import Text, TokenIds
 from kvctl.server.storage import StorageError
 from kvctl.server.worker import WorkerRuntime
 
@@ -34,12 +36,13 @@ log = logging.getLogger("kvctl.engine")
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | list[int]
+    prompt: Text | TokenIds
     max_tokens: int = Field(16, ge=0, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    # what torch's generator takes
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
 
@@ -47,7 +50,7 @@ class CompletionRequest(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -62,7 +65,7 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 @dataclass
@@ -215,6 +218,7 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
     app = FastAPI(title="kvctl engine", lifespan=lifespan,
                   description="OpenAI-compatible completions over the embedded model.")
     app.state.ready = ready
+    install_guards(app, runtime.settings)
 
     def get_engine() -> Engine:
         if state["error"]:

@@ -21,7 +21,7 @@ def serve(
              "\\[default: none, built-in settings]")] = None,
     host: Annotated[str | None, typer.Option(
         metavar="ADDRESS", show_default=False,
-        help="Address to bind; anything but loopback exposes an unauthenticated API. "
+        help="Address to bind; anything but loopback needs --auth-token (or --insecure). "
              "\\[default: 127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(
         metavar="PORT", show_default=False, help="Controller port. \\[default: 9000]")] = None,
@@ -40,6 +40,12 @@ def serve(
     ] = None,
     access_log: Annotated[bool, typer.Option(
         "--access-log", help="Log every HTTP request.")] = False,
+    auth_token: Annotated[str | None, typer.Option(
+        envvar="KVCTL_AUTH_TOKEN", show_envvar=True, metavar="TOKEN", show_default=False,
+        help="Require this bearer token on every port (prefer the environment variable: "
+             "flags show in `ps`).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow a non-loopback --host without --auth-token.")] = False,
 ) -> None:
     """Run the controller, the codec worker and the inference engine in one process."""
     import logging
@@ -48,7 +54,8 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     overrides = {"host": host, "port": port, "monitor_port": monitor_port,
-                 "engine_port": engine_port, "model": model, "codec_threads": codec_threads}
+                 "engine_port": engine_port, "model": model, "codec_threads": codec_threads,
+                 "auth_token": auth_token, "insecure": insecure or None}
     try:
         settings = build_settings(config, overrides)
     except ConfigError as exc:
