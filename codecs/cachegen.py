@@ -20,6 +20,9 @@ What is kept from CacheGen (SIGCOMM 2024) and what differs:
   (CacheGen's delta coding, which LMCache's code lacks), in integer arithmetic on the
   decoded symbols so it never changes the error, only the size (about 4% here).
 * Values beyond the alphabet are stored exactly as fp16 exceptions, never clipped.
+* Idempotent on its own output: a vector that already lies on a grid near the one its RMS
+  suggests keeps that grid (``grid.py``), so re-encoding a decoded chunk gives back the
+  same blob instead of adding error on every compress -> decompress cycle.
 
 The quantizer is plain torch (runs on the tensor's device); symbolisation, the key
 prediction and the rANS coder run on CPU (numba), on one byte per element.
@@ -34,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvctl.codecs import predict
+from kvctl.codecs import grid, predict
 from kvctl.codecs._io import Reader, tensor_bytes
-from kvctl.codecs.base import FP16_MAX, BaseCodec, register, torch_dtype
+from kvctl.codecs.base import FP16_MAX, BaseCodec, dtype_name, register, torch_dtype
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
 from kvctl.codecs.profiles import layer_profile
-from kvctl.codecs.rans import Bank
+from kvctl.codecs.rans import Bank, elements_per_byte
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +83,7 @@ class CacheGenCodec(BaseCodec):
     """
 
     name = "cachegen"
+    max_elements_per_byte = elements_per_byte(ALPHABET)
 
     def __init__(self, level: str = "default") -> None:
         if level not in LEVELS:
@@ -121,7 +125,7 @@ class CacheGenCodec(BaseCodec):
         self._check_range(first, norm, body)
         step = norm.mul_(self._layer_steps(tuple(kv.shape), kv.device) / D ** 0.5)
         code = torch.round(STEP_RES * torch.log2(step.clamp_min_(2.0 ** -24)) + STEP_BIAS)
-        code = code.clamp_(0, 255)
+        code = self._recognize(body, code.clamp_(0, 255), kv.dtype)
         # Step codes are coded relative to their (layer, K/V, head)'s mean. A code farther
         # off than the alphabet is pulled in, and only ever downwards: a finer step keeps the
         # error bound (what no longer fits the alphabet becomes an exact exception), while a
@@ -164,6 +168,18 @@ class CacheGenCodec(BaseCodec):
             struct.pack("<I", exc_idx.numel()), tensor_bytes(exc_idx.to(torch.int32)),
             tensor_bytes(exc_val), _words_payload(bank.encode(csym, cctx)),
             _words_payload(bank.encode(ksym, kctx)), bank.encode(vsym, vctx).tobytes()))
+
+    @staticmethod
+    def _recognize(body: torch.Tensor, code: torch.Tensor, dtype: Any) -> torch.Tensor:
+        """Keep the grid a vector already lies on (see grid.py): re-encoding a decoded
+        chunk then gives back the same symbols instead of adding error."""
+        import torch
+
+        D = body.shape[-1]
+        x = body.detach().reshape(-1, D).cpu().numpy()
+        c = code.reshape(-1).to(torch.int32).cpu().numpy()
+        out = grid.recognize(x, c, STEP_RES, STEP_BIAS, dtype_name(dtype), D // 16)
+        return torch.from_numpy(out).to(code.device, torch.float32).view(code.shape)
 
     @staticmethod
     def _rho(q: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,13 +18,13 @@ from kvctl import __version__
 from kvctl.server import errors
 from kvctl.server.config import ServerSettings
 from kvctl.server.controller import Controller, open_state
+from kvctl.server.limits import install_guards
 from kvctl.server.routers import cache, cluster, events
 from kvctl.server.storage import StorageError
 from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 ERROR_STATUS: dict[type[errors.DomainError], int] = {
     errors.BadRequest: 400,
@@ -34,6 +33,7 @@ ERROR_STATUS: dict[type[errors.DomainError], int] = {
     errors.UnknownLocation: 404,
     errors.UnknownEvent: 404,
     errors.ChecksumMismatch: 409,
+    errors.Conflict: 409,
     errors.TooLarge: 413,
     errors.WorkerUnavailable: 503,
     errors.StateUnavailable: 503,
@@ -58,7 +58,8 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Domain errors, storage failures, invalid bodies and oversized bodies, as JSON."""
+    """Domain errors, storage failures and invalid bodies, as JSON (body size, host and
+    token checks are `kvctl.server.limits.install_guards`)."""
 
     @app.exception_handler(errors.DomainError)
     async def _domain_error(_: Request, exc: errors.DomainError) -> JSONResponse:
@@ -75,32 +76,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": describe_validation(exc)}, status_code=422)
 
-    app.add_middleware(BodyLimit)
-
-
-class BodyLimit:
-    """413 for a declared body over MAX_BODY_BYTES, before anything reads it.
-
-    Plain ASGI rather than ``@app.middleware("http")``: that one starts a task group per
-    request, which under load costs more event-loop time than the request itself.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and \
-                        int(value) > MAX_BODY_BYTES:
-                    length = value.decode()
-                    response = JSONResponse(
-                        {"detail": f"request body of {length} B exceeds the "
-                                   f"{MAX_BODY_BYTES} B limit; send fewer tokens"},
-                        status_code=413)
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
 
 
 def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | None = None,
@@ -133,8 +108,11 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
             if owned and rt is not None:
                 rt.close()
 
+    # No /docs or /redoc: FastAPI's pages load their JavaScript from a CDN, blank on an
+    # offline machine. The API description is /openapi.json (README, "HTTP API").
     app = FastAPI(title="kvctl controller", version=__version__, lifespan=lifespan,
-                  description="LMCache-compatible cache controller with tracked events.")
+                  description="LMCache-compatible cache controller with tracked events.",
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.include_router(cache.router)
     app.include_router(events.router)
@@ -142,4 +120,5 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     # the embedded worker's command API, for other controllers that share this one's state
     app.include_router(worker_app.router)
     install_error_handlers(app)
+    install_guards(app, settings)
     return app

@@ -62,6 +62,12 @@ class StoreUnavailable(DomainError):
     kind = "store_unavailable"
 
 
+class Conflict(DomainError):
+    """The request conflicts with what is stored (e.g. stacking two lossy codecs)."""
+
+    kind = "conflict"
+
+
 class ChecksumMismatch(DomainError):
     """Bytes that arrived differ from the bytes that were sent."""
 
@@ -71,7 +77,7 @@ class ChecksumMismatch(DomainError):
 ERRORS_BY_KIND: dict[str, type[DomainError]] = {
     cls.kind: cls for cls in (BadRequest, UnknownInstance, UnknownLocation, UnknownMethod,
                               UnknownEvent, TooLarge, WorkerUnavailable, StateUnavailable,
-                              StoreUnavailable, ChecksumMismatch)
+                              StoreUnavailable, ChecksumMismatch, Conflict)
 }
 
 

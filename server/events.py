@@ -11,12 +11,38 @@ from typing import Any
 from kvctl.common.events import ENDED, FAILED, FINISHED, QUEUED, RUNNING, Event
 
 TERMINAL = ENDED
-__all__ = ["FAILED", "FINISHED", "QUEUED", "RUNNING", "TERMINAL", "Event", "EventTable",
-           "new_event_id"]
+MAX_CANDIDATES = 5  # ids named in an "ambiguous prefix" answer
+__all__ = ["FAILED", "FINISHED", "QUEUED", "RUNNING", "TERMINAL", "AmbiguousEventId", "Event",
+           "EventTable", "new_event_id", "resolve_prefix"]
 
 
 def new_event_id(op: str) -> str:
     return f"{op}-{uuid.uuid4().hex}"
+
+
+class AmbiguousEventId(LookupError):
+    """A prefix that more than one event id starts with; ``candidates`` names a few."""
+
+    def __init__(self, prefix: str, candidates: list[str], count: int) -> None:
+        super().__init__(prefix)
+        self.prefix = prefix
+        self.candidates = candidates
+        self.count = count
+
+
+def resolve_prefix(prefix: str, ids: Any) -> str | None:
+    """The full id that ``prefix`` names among ``ids``: the id itself, or the only id that
+    starts with it, whole (``compress-3f2a``) or after its op (``3f2a``, the short id the CLI
+    shows). None when no id matches; AmbiguousEventId when several do."""
+    if prefix in ids:
+        return prefix
+    if not prefix:
+        return None
+    hits = [eid for eid in ids
+            if eid.startswith(prefix) or eid.partition("-")[2].startswith(prefix)]
+    if len(hits) > 1:
+        raise AmbiguousEventId(prefix, hits[:MAX_CANDIDATES], len(hits))
+    return hits[0] if hits else None
 
 
 class EventTable:
@@ -83,13 +109,19 @@ class EventTable:
             self._cond.notify_all()
 
     def get(self, event_id: str) -> dict[str, Any] | None:
+        """The event with this id, or with the one id this prefix names (see `_resolve`)."""
         with self._lock:
-            ev = self._events.get(event_id)
+            full = self._resolve(event_id)
+            ev = self._events.get(full) if full else None
             return ev.to_dict() if ev else None
 
     def get_many(self, event_ids: list[str]) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {i: self._events[i].to_dict() for i in event_ids if i in self._events}
+
+    def _resolve(self, prefix: str) -> str | None:
+        """See `resolve_prefix`; the table is bounded (max_events), so the scan is too."""
+        return resolve_prefix(prefix, self._events)
 
     def list(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         with self._lock:

@@ -16,7 +16,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from kvctl.server.app import create_app, install_error_handlers
+from kvctl.server.auth import check_exposure, client_headers, is_loopback
 from kvctl.server.config import ServerSettings
+from kvctl.server.limits import install_guards
 from kvctl.server.routers import cluster, events
 from kvctl.server.worker import WorkerRuntime
 
@@ -30,6 +32,7 @@ def create_monitor_app(controller_app: FastAPI) -> FastAPI:
     """
     app = FastAPI(title="kvctl monitor")
     app.state.parent = controller_app
+    install_guards(app, controller_app.state.settings)
     app.include_router(events.router)
     app.include_router(cluster.router)
     install_error_handlers(app)
@@ -74,10 +77,12 @@ def _url(host: str, sock: socket.socket) -> str:
     return f"http://{host}:{_port(sock)}"
 
 
-def _warn_public(host: str) -> None:
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the API has no authentication; anyone who can reach this "
-                    "address can read and delete cached KV", host)
+def _check_exposure(settings: ServerSettings) -> None:
+    """Refuse a non-loopback address without a token (unless --insecure); warn if insecure."""
+    check_exposure(settings.host, settings.auth_token, settings.insecure)
+    if not settings.auth_token and not is_loopback(settings.host):
+        log.warning("binding %s with --insecure: the API has no authentication; anyone who "
+                    "can reach this address can read and delete cached KV", settings.host)
 
 
 def _torch_threads(settings: ServerSettings) -> None:
@@ -92,7 +97,7 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
     and the engine. Serves until SIGINT/SIGTERM. Raises OSError for a port that cannot be
     bound, StateUnavailable for a state Redis that cannot be reached."""
     _torch_threads(settings)
-    _warn_public(settings.host)
+    _check_exposure(settings)
     _check_state(settings)
     socks: list[tuple[str, socket.socket]] = []
     try:
@@ -149,7 +154,7 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
     from kvctl.server.worker_app import create_worker_app
 
     _torch_threads(settings)
-    _warn_public(settings.host)
+    _check_exposure(settings)
     urls = settings.controller_urls
     if not urls:
         raise ValueError("a worker needs its controller's address: set controller_url (the "
@@ -199,7 +204,10 @@ class Heartbeat:
     async def run(self) -> None:
         import httpx
 
-        async with httpx.AsyncClient(timeout=httpx.Timeout(3.0, connect=1.0)) as http:
+        # one token for the cluster: the worker presents its own to the controller
+        headers = client_headers(self.runtime.settings.auth_token)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(3.0, connect=1.0),
+                                     headers=headers) as http:
             while True:
                 try:
                     await self.beat(http)

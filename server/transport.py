@@ -98,16 +98,19 @@ class InProcessTransport(WorkerTransport):
 class HttpTransport(WorkerTransport):
     """A `kvctl worker` process, over its HTTP command API (`kvctl.server.worker_app`)."""
 
-    def __init__(self, url: str, instance_id: str, timeout_s: float) -> None:
+    def __init__(self, url: str, instance_id: str, timeout_s: float,
+                 auth_token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.instance_id = instance_id
+        # one token for the cluster: the controller presents its own to the worker
+        self._auth = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         # connect fails fast (a dead worker's port refuses at once); replies get the budget.
         self._http = HttpPool(self.url, timeout_s, connect_timeout_s=min(1.0, timeout_s))
 
     async def _send(self, method: str, path: str, body: bytes = b"",
                     headers: dict[str, str] | None = None) -> Reply:
         try:
-            r = await self._http.request(method, path, body, headers)
+            r = await self._http.request(method, path, body, {**self._auth, **(headers or {})})
         except HttpError as exc:
             raise WorkerUnavailable(f"the worker of instance {self.instance_id!r} at "
                                     f"{self.url} did not answer {path} ({exc})") from None

@@ -78,11 +78,13 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     """The HTTP app of a `kvctl worker` process."""
     from kvctl import __version__
     from kvctl.server.app import install_error_handlers
+    from kvctl.server.limits import install_guards
 
     app = FastAPI(title="kvctl worker", version=__version__)
     app.state.runtime = runtime
     app.include_router(router)
     install_error_handlers(app)
+    install_guards(app, runtime.settings)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -21,7 +21,7 @@ def _tokens(body: dict[str, Any]) -> list[int]:
 
 def _compress(rt: WorkerRuntime, b: dict[str, Any]) -> dict[str, Any]:
     return rt.compress(b["instance_id"], b["method"], b["location"], _tokens(b),
-                       event_id=b.get("event_id")).to_dict()
+                       force=bool(b.get("force")), event_id=b.get("event_id")).to_dict()
 
 
 def _decompress(rt: WorkerRuntime, b: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +44,10 @@ def _move(rt: WorkerRuntime, b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lookup(rt: WorkerRuntime, b: dict[str, Any]) -> dict[str, Any]:
-    return rt.lookup(_tokens(b))
+    """LMCache's ``layout_info`` entry of this instance and the tokens per location."""
+    tiers = rt.lookup_tiers(_tokens(b))
+    return {"layout_info": rt.layout_info(tiers),
+            "tiers": {rt.instance_id: tiers} if tiers else {}}
 
 
 def _events(rt: WorkerRuntime, b: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ async def api():
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://test") as client:
+                                     base_url="http://127.0.0.1") as client:
             yield client
 
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from kvctl.errors import EXIT_USAGE, KvctlError, UsageError
 
-def _fail(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+if TYPE_CHECKING:
+    from kvctl.common.bench import BenchReport, SuiteReport
+
+
+def _fail(msg: str, code: int) -> NoReturn:
+    # the root command prints it, as for every other command (kvctl/cli.py)
+    raise UsageError(msg) if code == EXIT_USAGE else KvctlError(msg, code)
 
 
 def bench(
@@ -24,14 +30,34 @@ def bench(
         "--kv", dir_okay=False,
         help="A saved KV (safetensors; one tensor of layers x 2 x tokens x kv_heads x "
              "head_dim) instead of --text: size, speed and error only, no model fidelity.")] = None,
+    suite: Annotated[bool, typer.Option(
+        "--suite", help="Run every bundled kind of text (prose, code, markdown, JSON, CSV, "
+                        "licence, FAQ, changelog, German, Russian, chat) on every embedded "
+                        "model, and report each codec's mean and worst text.")] = False,
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", metavar="MODEL", show_default=False,
+        help="Model whose KV is benchmarked: smollm2 or gemma3 (embedded), a local directory "
+             "or .gguf file. Repeatable with --suite. \\[default: smollm2; with --suite, "
+             "both embedded models]")] = None,
+    texts: Annotated[int | None, typer.Option(
+        "--texts", min=1, metavar="N", show_default=False,
+        help="With --suite: only the first N kinds of text (quicker). \\[default: all]")
+    ] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", metavar="KIND", show_default=False,
+        help="With --suite: only this kind of text (repeatable), e.g. german.")] = None,
     codec: Annotated[list[str] | None, typer.Option(
-        "--codec", help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, "
-                        "int8, kivi-2, kivi-4, fp8 (default: all of them).")] = None,
+        "--codec", metavar="METHOD", show_default=False,
+        help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, int8, kivi-2, "
+             "kivi-4, fp8. \\[default: all of them]")] = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose KV is compressed.")] = 512,
     continuation: Annotated[int, typer.Option(
         help="Tokens the model then reads through the decoded KV.")] = 256,
     chunk_size: Annotated[int, typer.Option(help="Tokens per encoded chunk.")] = 256,
-    repeats: Annotated[int, typer.Option(help="Timed runs per chunk (median).")] = 3,
+    repeats: Annotated[int | None, typer.Option(
+        metavar="N", show_default=False,
+        help="Timed runs per chunk (median). \\[default: 3; 1 with --suite, whose speed is "
+             "the median over its texts]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
                        ] = False,
     plot: Annotated[Path | None, typer.Option(
@@ -43,6 +69,13 @@ def bench(
     """Benchmark the KV codecs on real KV: size, speed, error, top-1 agreement, perplexity."""
     if text is not None and kv is not None:
         _fail("--text and --kv are alternatives; give one", 2)
+    if suite and (text is not None or kv is not None):
+        _fail("--suite runs the bundled texts; drop --text/--kv, or drop --suite", 2)
+    if not suite and (texts is not None or kind):
+        _fail("--texts and --kind choose the suite's texts; add --suite", 2)
+    if not suite and model and len(model) > 1:
+        _fail("one --model at a time without --suite", 2)
+    repeats = repeats if repeats is not None else (1 if suite else 3)
     if chunk_size < 1 or repeats < 1:
         _fail("--chunk-size and --repeats must be >= 1", 2)
     from kvctl.codecs import CodecError, available_methods, codec_for_method
@@ -53,30 +86,65 @@ def bench(
             codec_for_method(m)
         except CodecError as exc:
             _fail(str(exc), 2)
+    cmd = "kvctl " + " ".join(sys.argv[1:]) if sys.argv[1:] else "kvctl bench"
     try:
         from kvctl.common import bench as b
-        from kvctl.common.model import ModelNotFoundError
+        from kvctl.common.model import BUILTIN_MODELS, ModelNotFoundError
 
-        if kv is not None:
-            work = b.kv_file_workload(kv, chunk_size)
+        if suite:
+            kinds = b.suite_kinds(texts, kind)
+            models = list(dict.fromkeys(model or BUILTIN_MODELS))
+            report: Any = b.run_suite(models, methods, kinds, prefix, continuation, chunk_size,
+                                      repeats, progress=_progress())
+            if plot is not None:
+                b.suite_plot(report, plot)
+            if markdown is not None:
+                _write(markdown, b.suite_markdown(report, cmd))
         else:
-            work = b.text_workload(text, prefix, continuation, chunk_size)
-        report = b.run_bench(work, methods, repeats, chunk_size)
-        if plot is not None:
-            b.plot(report, plot)
-        if markdown is not None:
-            cmd = "kvctl " + " ".join(sys.argv[1:]) if sys.argv[1:] else "kvctl bench"
-            markdown.write_text(b.markdown(report, cmd), encoding="utf-8")
+            if kv is not None:
+                work = b.kv_file_workload(kv, chunk_size)
+            else:
+                work = b.text_workload(text, prefix, continuation, chunk_size,
+                                       model=(model or ["smollm2"])[0])
+            report = b.run_bench(work, methods, repeats, chunk_size)
+            if plot is not None:
+                b.plot(report, plot)
+            if markdown is not None:
+                _write(markdown, b.markdown(report, cmd))
     except (b.BenchError, ModelNotFoundError, CodecError, OSError) as exc:
         if os.environ.get("KVCTL_DEBUG") == "1":
             raise
         _fail(str(exc), 1)
     if as_json:
         typer.echo(report.to_json())
-        return
+    elif suite:
+        _print_suite(report)
+    else:
+        _print_single(report)
+
+
+def _write(path: Path, content: str) -> None:
+    from kvctl.common.paths import atomic_write
+
+    atomic_write(path, content.encode("utf-8"), durable=False)
+
+
+def _progress() -> Any:
+    """One stderr line per model load and per text, with the time since the start."""
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        typer.echo(f"[{time.perf_counter() - t0:6.0f} s] {msg}", err=True)
+
+    return say
+
+
+def _print_single(report: BenchReport) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+
+    from kvctl.common import bench as b
 
     # a light box and unwrapped cells: the eight columns fit an 80-column terminal
     table = Table(title=f"KV codecs on {Path(report.source).name}: {report.shape} "
@@ -93,3 +161,26 @@ def bench(
         console.print(f"fidelity: next {report.continuation} tokens read through the decoded "
                       f"{report.prefix}-token prefix vs the exact fp16 KV (reference "
                       f"perplexity {report.reference_ppl:.3f}); throughput on one thread")
+
+
+def _print_suite(report: SuiteReport) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvctl.common import bench as b
+
+    console = Console()
+    for mod in report.models:
+        table = Table(title=f"{mod.name}: {len(report.texts)} texts, KV {mod.kv_shape}",
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for i, h in enumerate(b.SUITE_SHORT_HEADERS):
+            table.add_column(h, justify="left" if i in (0, 6) else "right", no_wrap=True)
+        for row in b.suite_table_rows(report, mod.model):
+            table.add_row(row[0], *row[2:-1])
+        console.print(table)
+    console.print(f"texts: {', '.join(report.texts)}. top-1, ppl Δ: mean over texts; worst: "
+                  f"the worst text's top-1. Next {report.continuation} tokens "
+                  f"read through the decoded {report.prefix}-token prefix vs the exact fp16 KV; "
+                  f"enc/dec: MB/s on one thread, median over texts. "
+                  f"{report.seconds / 60:.1f} min.")

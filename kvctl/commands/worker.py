@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from kvctl.errors import KvctlError, UsageError
+
 
 def worker(
     config: Annotated[Path | None, typer.Option(
@@ -29,7 +31,14 @@ def worker(
     )] = None,
     codec_threads: Annotated[int | None, typer.Option(
         help="Codec jobs run at once, each in a process of its own. [default: 1]")] = None,
-    access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    access_log: Annotated[bool, typer.Option(
+        "--access-log", help="Log every HTTP request.")] = False,
+    auth_token: Annotated[str | None, typer.Option(
+        envvar="KVCTL_AUTH_TOKEN", show_envvar=True, metavar="TOKEN", show_default=False,
+        help="Require this bearer token, and present it to the controller (one token for "
+             "the cluster; prefer the environment variable).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow a non-loopback --host without --auth-token.")] = False,
 ) -> None:
     """Run one instance (store, codec pool, engine) that a `kvctl serve` controller routes to."""
     import logging
@@ -41,7 +50,8 @@ def worker(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     overrides = {"host": host, "lmcache_worker_port": worker_port, "engine_port": engine_port,
                  "model": model, "lmcache_instance_id": instance_id,
-                 "controller_url": controller, "codec_threads": codec_threads}
+                 "controller_url": controller, "codec_threads": codec_threads,
+                 "auth_token": auth_token, "insecure": insecure or None}
     if worker_port is not None:
         overrides["lmcache_worker_ports"] = worker_port
     if controller is not None:
@@ -49,8 +59,7 @@ def worker(
     try:
         settings = build_settings(config, overrides)
     except ConfigError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise UsageError(str(exc)) from None
 
     from kvctl.server.runner import run_worker
     from kvctl.server.storage import StorageError
@@ -58,5 +67,4 @@ def worker(
     try:
         run_worker(settings, access_log=access_log)
     except (OSError, StorageError, ValueError) as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise KvctlError(str(exc)) from None

@@ -7,11 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from kvctl import output
-from kvctl.commands._common import connect
 from kvctl.errors import KvctlError
-from kvctl.options import ControllerOpt, JsonOpt, TimeoutOpt
-from kvctl.settings import resolve
+from kvctl.output import escape, fmt_bytes, kv_table
+from kvctl.state import state
 
 
 def _age(beat: Any, now: float) -> str:
@@ -19,39 +17,36 @@ def _age(beat: Any, now: float) -> str:
 
 
 def workers(
-    instance_id: Annotated[str | None, typer.Option(
-        "--instance-id", metavar="ID", show_default=False,
-        help="Only the worker of this instance.")] = None,
-    as_json: JsonOpt = False,
-    controller: ControllerOpt = None,
-    timeout: TimeoutOpt = None,
+    ctx: typer.Context,
+    instances: Annotated[list[str] | None, typer.Argument(
+        metavar="[INSTANCE]...", show_default=False,
+        help="Only the workers of these instances.")] = None,
 ) -> None:
     """Workers of every instance: address, last heartbeat, alive/dead, chunks and bytes."""
-    with connect(resolve(controller, timeout)) as client:
+    st = state(ctx)
+    with st.client() as client:
         found = client.workers()
-    if instance_id is not None:
-        found = [w for w in found if w.get("instance_id") == instance_id]
+    if instances:
+        found = [w for w in found if w.get("instance_id") in instances]
         if not found:
-            raise KvctlError(f"no worker of instance {instance_id!r} is registered")
-    if as_json:
-        output.print_json({"workers": found})
+            raise KvctlError(f"no worker of {', '.join(instances)} is registered")
+    if st.out.json:
+        st.out.print_json({"workers": found})
         return
     if not found:
-        output.out().print("no workers registered")
+        st.out.print("no workers registered")
         return
     now = time.time()
     for w in found:
-        state = str(w.get("state"))
-        style = "green" if state == "alive" else "red"
-        output.out().print(
-            f"[bold]{output.escape(str(w.get('instance_id')))}[/] "
-            f"[{style}]{output.escape(state)}[/] at {output.escape(str(w.get('url')))}, "
-            f"heartbeat {output.escape(_age(w.get('last_heartbeat_time'), now))}",
-            soft_wrap=True)
-        rows = [(loc.get("location"), loc.get("chunks"), output.fmt_bytes(loc.get("bytes")),
-                 output.fmt_bytes(loc.get("capacity_bytes"))
+        alive = w.get("state") == "alive"
+        st.out.markup(
+            f"[bold]{escape(str(w.get('instance_id')))}[/] "
+            f"[{'green' if alive else 'red'}]{escape(str(w.get('state')))}[/] at "
+            f"{escape(str(w.get('url')))}, heartbeat "
+            f"{escape(_age(w.get('last_heartbeat_time'), now))}")
+        rows = [(loc.get("location"), loc.get("chunks"), fmt_bytes(loc.get("bytes")),
+                 fmt_bytes(loc.get("capacity_bytes"))
                  if loc.get("capacity_bytes") else "unbounded", loc.get("pinned_chunks"))
                 for loc in w.get("locations") or []]
         if rows:
-            output.out().print(output.kv_table(
-                rows, ("location", "chunks", "bytes", "capacity", "pinned")))
+            st.out.print(kv_table(rows, ("location", "chunks", "bytes", "capacity", "pinned")))

