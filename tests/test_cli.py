@@ -455,7 +455,7 @@ def engine_url(cli_env):
 def monitor_url(cli_server):
     from kvctl.server.runner import create_monitor_app
 
-    with serve_app(create_monitor_app(cli_server.state.runtime)) as url:
+    with serve_app(create_monitor_app(cli_server)) as url:
         yield url
 
 

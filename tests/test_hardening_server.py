@@ -82,7 +82,7 @@ def stack(lm, smollm2_tokenizer, tmp_path_factory) -> Iterator[Stack]:
     controller = create_app(settings)
     with serve(controller) as c_url:
         rt = controller.state.runtime
-        monitor = create_monitor_app(rt)
+        monitor = create_monitor_app(controller)
         engine = create_engine_app(rt, engine=Engine(lm, smollm2_tokenizer, rt, [lm.name]))
         with serve(monitor) as m_url, serve(engine) as e_url:
             yield Stack(c_url, m_url, e_url, controller, engine, rt)
@@ -370,7 +370,7 @@ def test_redis_password_never_leaves_the_server(redis_with_password, caplog):
     settings = ServerSettings(model="none", remote_url=url, chunk_size=16)
     app = create_app(settings)
     with serve(app) as c_url:
-        monitor = create_monitor_app(app.state.runtime)
+        monitor = create_monitor_app(app)
         with serve(monitor) as m_url:
             proc.terminate()  # Redis goes away: every remote operation now fails
             proc.wait(10)
