@@ -42,7 +42,7 @@ def serve(
     ] = None,
     state: Annotated[str | None, typer.Option(
         metavar="URL", show_default=False,
-        help="redis://HOST:PORT[/DB]: keep events and the worker registry in Redis, shared "
+        help="redis://HOST:PORT\\[/DB]: keep events and the worker registry in Redis, shared "
              "by every controller that names it. \\[default: in memory]")] = None,
     worker: Annotated[bool | None, typer.Option(
         "--worker/--no-worker", show_default=False,
