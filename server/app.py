@@ -16,7 +16,7 @@ from kvctl.server.config import ServerSettings
 from kvctl.server.limits import install_guards
 from kvctl.server.routers import cache, cluster, events
 from kvctl.server.storage import StorageError
-from kvctl.server.worker import RequestError, WorkerRuntime
+from kvctl.server.worker import Busy, RequestError, WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
@@ -61,6 +61,11 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(Busy)
+    async def _busy(_: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:

@@ -37,6 +37,17 @@ log = logging.getLogger("kvctl.server")
 RAW_METHOD = "raw"
 
 
+class Busy(Exception):
+    """The job queue is full: answered 429 with ``Retry-After`` (nothing was queued)."""
+
+    retry_after_s = 1
+
+    def __init__(self, queued: int) -> None:
+        super().__init__(queued)
+        self.detail = (f"the controller is busy: {queued} jobs are waiting already; retry in "
+                       f"{self.retry_after_s} s (the server's limit is max_queued_jobs)")
+
+
 class RequestError(Exception):
     """A request the worker refuses; ``status`` is the HTTP status to answer with."""
 
@@ -78,7 +89,10 @@ class WorkerRuntime:
         self.instance_id = settings.lmcache_instance_id
         self.worker_id = 0
         self.backends = backends if backends is not None else build_backends(settings)
-        self.events = EventTable(settings.max_events)
+        self.events = EventTable(settings.max_events, settings.event_retention_s)
+        # jobs accepted but not yet started, across both pools (bounded: max_queued_jobs)
+        self._queued = 0
+        self._queued_lock = threading.Lock()
         self.codec_times = CodecTimes({}, {})
         self.bytes_saved = 0
         self.started_at = time.time()
@@ -150,10 +164,18 @@ class WorkerRuntime:
     def _schedule(self, pool: ThreadPoolExecutor, op: str, instance_id: str, method: str | None,
                   location: str | None, refs: list[ChunkRef],
                   job: Callable[[Event, list[ChunkRef]], None]) -> Event:
+        # Bounded: a client faster than the codecs gets 429 now, not an ever longer queue
+        # (and acknowledgements that wait behind it).
+        with self._queued_lock:
+            if self._queued >= self.settings.max_queued_jobs:
+                raise Busy(self._queued)
+            self._queued += 1
         ev = self.events.create(op, instance_id, method, location,
                                 num_tokens=refs[-1].end if refs else 0, chunks_total=len(refs))
 
         def run() -> None:
+            with self._queued_lock:
+                self._queued -= 1
             self.events.start(ev)
             try:
                 job(ev, refs)
