@@ -82,7 +82,7 @@ class ServerSettings(BaseModel):
                             "most; the oldest go first")
     event_retention_s: float = Field(3600.0, gt=0, description="seconds a finished event "
                                      "stays visible in /events and /check_finish")
-    max_queued_jobs: int = Field(512, ge=1, description="jobs waiting for a worker thread; "
+    max_queued_jobs: int = Field(256, ge=1, description="jobs waiting for a worker thread; "
                                  "beyond it /compress, /decompress, /move ... answer 429")
     remote_key_prefix: str = Field("kvctl", min_length=1, max_length=200,
                                    description="prefix of every Redis key kvctl writes")
