@@ -84,8 +84,14 @@ class EventTable:
 
     def _trim(self) -> None:
         cutoff = time.time() - self.retention_s
-        expired = [eid for eid, e in self._events.items()
-                   if e.status in TERMINAL and (e.finished_at or 0.0) < cutoff]
+        # Oldest first, and no further than the first event created after the cutoff: it
+        # cannot have ended before it, so a call costs the expired events, not the table.
+        expired = []
+        for eid, e in self._events.items():
+            if e.created_at >= cutoff:
+                break
+            if e.status in TERMINAL and (e.finished_at or 0.0) < cutoff:
+                expired.append(eid)
         for eid in expired:
             del self._events[eid]
         if len(self._events) <= self.max_events:

@@ -104,11 +104,15 @@ def test_event_history_is_bounded_by_count_and_age():
 
     # age: an event that ended longer ago than retention_s is gone; a running one stays
     # however old it is (the clock is moved by back-dating, not by waiting)
-    assert table.get(ended[-1].event_id) is not None
-    table.record(running[0], created_at=time.time() - 7200, started_at=time.time() - 7200)
-    table.record(ended[-1], finished_at=time.time() - 601)
-    assert table.get(ended[-1].event_id) is None
-    assert table.get(running[0].event_id) is not None
+    # (the clock is moved by back-dating: every event was created two hours ago, the
+    # oldest kept one ended just past the retention, the others ended just now)
+    oldest = ended[-7]
+    assert table.get(oldest.event_id) is not None
+    for ev in running + ended[-7:]:
+        table.record(ev, created_at=time.time() - 7200)
+    table.record(oldest, finished_at=time.time() - 601)
+    assert table.get(oldest.event_id) is None
+    assert all(table.get(ev.event_id) is not None for ev in running + ended[-6:])
     assert len(table.list()) == 9
 
 
