@@ -250,6 +250,9 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
     state: dict[str, Any] = {"engine": engine, "error": None}
     # One generation at a time: the model is not re-entrant and the machine is small.
     pool = ThreadPoolExecutor(1, thread_name_prefix="kvctl-engine")
+    # Tokenizer calls get a thread of their own: a prompt of megabytes takes seconds, and
+    # the default executor is the one the controller's routes use to acknowledge requests.
+    text_pool = ThreadPoolExecutor(1, thread_name_prefix="kvctl-tokenize")
     stats = engine.stats if engine is not None else EngineStats()
     # Set when the app shuts down: a running generation stops at its next token instead of
     # holding the process (and SIGTERM) until max_tokens.
@@ -281,6 +284,7 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
         finally:
             stopping.set()
             pool.shutdown(wait=False, cancel_futures=True)
+            text_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kvctl engine", lifespan=lifespan,
                   description="OpenAI-compatible completions over the embedded model.")
@@ -329,11 +333,11 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
             strs = eng.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
             return ids, strs
 
-        # A prompt of megabytes takes seconds to tokenize; off the event loop, so the other
-        # apps that share it in `kvctl serve` (the controller's acknowledgements) go on.
+        # Off the event loop, so the other apps that share it in `kvctl serve` (the
+        # controller's acknowledgements) go on while a big prompt is tokenized.
         stats.add(tokenizing=1)
         try:
-            ids, strs = await asyncio.to_thread(work)
+            ids, strs = await asyncio.get_running_loop().run_in_executor(text_pool, work)
         finally:
             stats.add(tokenizing=-1)
         return TokenizeResponse(count=len(ids), max_model_len=eng.lm.max_model_len, tokens=ids,
@@ -347,7 +351,9 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
         bad = [t for t in body.tokens if not 0 <= t < eng.vocab_size]
         if bad:
             raise HTTPException(400, f"token id {bad[0]} is outside the vocabulary")
-        return {"prompt": await asyncio.to_thread(eng.tokenizer.decode, body.tokens)}
+        text = await asyncio.get_running_loop().run_in_executor(
+            text_pool, eng.tokenizer.decode, body.tokens)
+        return {"prompt": text}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
