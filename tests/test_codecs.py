@@ -397,3 +397,20 @@ def test_cachegen_constant_and_huge_key_channels():
     out = decode_blob(get_codec("cachegen").encode(kv))
     assert torch.isfinite(out.float()).all()
     assert_cachegen_bound(out, kv, get_codec("cachegen").cfg)
+
+
+def test_deflated_side_information_cannot_inflate_past_the_shape():
+    import zlib
+
+    from kvctl.codecs.blob import unpack
+
+    kv = make_kv((2, 2, 40, 2, 16))
+    info, payload = unpack(get_codec("cachegen").encode(kv))
+    payload = bytes(payload)
+    first = 2 * 2 * 2 * 16 * 2  # the exact fp16 first token
+    (n,) = struct.unpack_from("<I", payload, first)
+    rest = payload[first + 4 + n:]
+    for side in (zlib.compress(b"\0" * 10 ** 7), b"not deflate"):
+        forged = payload[:first] + struct.pack("<I", len(side)) + side + rest
+        with pytest.raises(CorruptBlobError, match="side information"):
+            decode_blob(pack("cachegen", info.params, info.shape, info.dtype, forged))
