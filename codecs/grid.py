@@ -53,7 +53,9 @@ def _recognize(x, code, span, res, bias, u, allow):  # pragma: no cover - compil
 @numba.njit(inline="always")
 def _count(row, inv, u, allow):  # pragma: no cover - compiled
     """(elements off the grid of step 1 / inv, non-zero elements on it); stops early once
-    the row is clearly off (more than ``allow``, or more than 8 + 1/8 of those seen)."""
+    the row is clearly off: more than ``allow``, more than 8 + 1/8 of those seen, or two
+    off before any non-zero one on (original data, nearly always: exceptions are rare, so
+    a decoded row almost never opens with two of them)."""
     bad = 0
     good = 0
     for j in range(row.shape[0]):
@@ -61,7 +63,7 @@ def _count(row, inv, u, allow):  # pragma: no cover - compiled
         r = np.round(y)
         if abs(y - r) > ABS_TOL + 1.5 * u * abs(y):
             bad += 1
-            if bad > allow or bad > 8 + (j >> 3):
+            if bad > allow or bad > 8 + (j >> 3) or (bad >= 2 and good == 0):
                 return allow + 1, good
         elif r != 0:
             good += 1
