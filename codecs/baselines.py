@@ -23,6 +23,7 @@ class RawCodec(BaseCodec):
 
     name = "raw"
     lossless = True
+    max_elements_per_byte = 0.5  # fp16/bf16; fp32 needs 4 bytes
 
     def _encode(self, kv: torch.Tensor) -> bytes:
         return tensor_bytes(kv)
@@ -139,6 +140,11 @@ class KiviCodec(BaseCodec):
     @property
     def params(self) -> dict[str, Any]:
         return {"bits": self.bits, "group": self.group}
+
+    @property
+    def max_elements_per_byte(self) -> float:  # type: ignore[override]
+        # packed codes alone take bits/8 bytes per element; group padding only adds bytes
+        return 8 / self.bits
 
     def _quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import torch

@@ -14,16 +14,25 @@ Layout (little endian)::
 JSON rather than pickle: a blob from an untrusted store can at worst fail to parse. The
 checksum is checked before the header is trusted, so a flipped bit anywhere is reported as
 a ``ChecksumError`` instead of being decoded into plausible garbage.
+
+A checksum is no defence against a hostile writer (anyone can recompute it), so the header
+is also bounded by what its payload can hold: nesting at most ``MAX_HEADER_DEPTH`` deep,
+every dimension below 2**31, at most ``MAX_ELEMENTS`` elements in all, and at most
+``MAX_ELEMENTS_PER_BYTE`` elements per payload byte (each codec then applies its own,
+tighter bound before it allocates: ``BaseCodec.max_elements_per_byte``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kvctl.codecs.errors import (
     ChecksumError,
@@ -41,8 +50,18 @@ _CRC = struct.Struct("<I")
 MIN_BLOB = _PREFIX.size + _PAYLEN.size + _CRC.size
 
 DTYPES = ("float16", "bfloat16", "float32")
-# A header may not claim more elements than this: guards decoders against memory bombs.
-MAX_ELEMENTS = 1 << 34
+# A header may not claim more elements than this (8 GiB of fp16), whatever its payload.
+MAX_ELEMENTS = 1 << 32
+MAX_DIM = (1 << 31) - 1
+# No codec decodes more elements than this from one payload byte: the most compressible
+# one, cachegen's rANS coder, is physically limited to about 383 (rans.elements_per_byte).
+# A codec that could exceed it must raise this bound.
+MAX_ELEMENTS_PER_BYTE = 512
+# {"codec", "params": {...}, "shape": [...]} is 2 deep; a little room for structured params.
+MAX_HEADER_DEPTH = 8
+# The closing quote is optional so an unterminated string is still one match: the scan
+# stays linear (a mandatory one lets every quote restart a scan to the end).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -116,27 +135,57 @@ def _parse(blob: bytes | bytearray | memoryview, verify: bool) -> tuple[BlobInfo
         (crc,) = _CRC.unpack_from(mv, pstart + plen)
         if zlib.crc32(mv[:pstart + plen]) != crc:
             raise ChecksumError("blob checksum mismatch: corrupted in storage or transit")
+    raw = bytes(mv[_PREFIX.size:off])
+    check_depth(raw, MAX_HEADER_DEPTH)
     try:
-        hdr = json.loads(bytes(mv[_PREFIX.size:off]))
+        hdr = json.loads(raw)
         codec = hdr["codec"]
         params = hdr["params"]
         shape = tuple(hdr["shape"])
         dtype = hdr["dtype"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptBlobError(f"unreadable blob header: {exc}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorruptBlobError(f"unreadable blob header: {str(exc)[:200]}") from None
     if not isinstance(codec, str) or not isinstance(params, dict):
         raise CorruptBlobError("blob header: codec must be a string and params an object")
-    if (len(shape) != 5 or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or shape[1] != 2):
-        raise CorruptBlobError(f"blob header: shape {list(shape)} is not "
-                               "[layers, 2, tokens, kv_heads, head_dim]")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise CorruptBlobError(f"blob header: shape {list(shape)} is implausibly large")
-    if dtype not in DTYPES:
-        raise CorruptBlobError(f"blob header: unknown dtype {dtype!r}")
+    if (len(shape) != 5 or shape[1] != 2
+            or not all(type(s) is int and 0 <= s <= MAX_DIM for s in shape)):
+        raise CorruptBlobError(f"blob header: shape {short_repr(list(shape))} is not "
+                               "[layers, 2, tokens, kv_heads, head_dim] of sizes below 2**31")
+    elements = math.prod(shape)
+    if elements > MAX_ELEMENTS:
+        raise CorruptBlobError(f"blob header: shape {list(shape)} has {elements} elements, "
+                               f"more than the {MAX_ELEMENTS} any blob may hold")
+    if elements > MAX_ELEMENTS_PER_BYTE * plen:
+        raise CorruptBlobError(f"blob header: shape {list(shape)} claims {elements} elements "
+                               f"but its payload of {plen} B can hold at most "
+                               f"{MAX_ELEMENTS_PER_BYTE * plen}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CorruptBlobError(f"blob header: unknown dtype {short_repr(dtype)}")
     info = BlobInfo(codec=codec, params=params, shape=shape, dtype=dtype, payload_bytes=plen,
                     total_bytes=n, version=version)
     return info, mv[pstart:pstart + plen]
+
+
+def check_depth(raw: bytes, limit: int) -> None:
+    """Refuse JSON nested deeper than ``limit`` before parsing it.
+
+    ``json.loads`` recurses once per level, so a 64 KiB header of brackets would otherwise
+    end in an untyped ``RecursionError``. Strings are blanked first (brackets inside them do
+    not nest); on malformed JSON the count may be off, which the parser then reports.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return  # the common case, in a microsecond: too few brackets to nest that deep
+    code = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = ((code == ord("[")) | (code == ord("{"))).astype(np.int32)
+    step -= ((code == ord("]")) | (code == ord("}"))).astype(np.int32)
+    if step.size and int(np.cumsum(step).max()) > limit:
+        raise CorruptBlobError(f"blob header is nested more than {limit} levels deep")
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """repr of a header value for an error message, cut so a hostile header is not echoed."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def unpack(blob: bytes | bytearray | memoryview) -> tuple[BlobInfo, memoryview]:

@@ -48,7 +48,7 @@ from kvctl.codecs._io import Reader, tensor_bytes
 from kvctl.codecs.base import FP16_MAX, BaseCodec, dtype_name, register, torch_dtype
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
-from kvctl.codecs.rans import Bank
+from kvctl.codecs.rans import Bank, elements_per_byte
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,7 @@ class CacheGenCodec(BaseCodec):
     """
 
     name = "cachegen"
+    max_elements_per_byte = elements_per_byte(ALPHABET)
 
     def __init__(self, level: str = "default") -> None:
         if level not in LEVELS:

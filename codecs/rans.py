@@ -14,6 +14,7 @@ the codec is torch and runs on any device.
 from __future__ import annotations
 
 import functools
+import math
 
 import numba
 import numpy as np
@@ -82,6 +83,27 @@ def _quantize_probs(probs: np.ndarray) -> np.ndarray:
                 short += 1
             j += 1
     return f
+
+
+def elements_per_byte(alphabet: int, prob_bits: int = PROB_BITS, state_bits: int = 16,
+                      word_bits: int = 16) -> int:
+    """The most symbols a *valid* rANS stream can carry per byte (rounded up, plus one).
+
+    Every symbol keeps a frequency of at least 1, so the likeliest has at most
+    ``2**prob_bits - (alphabet - 1)``. Decoding a symbol maps a state x >= 2**state_bits to
+    ``f * (x >> prob_bits) + (x % 2**prob_bits) - cum``, which shrinks log2(x) by at least
+    ``-log2((f*a + 2**p - 1) / (2**p*a + 2**p - 1))`` with ``a = 2**(state_bits -
+    prob_bits)``; a refill word adds at most ``word_bits + log2(1 + 1/a)`` bits. A stream
+    that ends in its final state therefore carries at most (refill bits) / (shrink bits)
+    symbols per word. This is what bounds a cachegen payload's element count
+    (``BaseCodec.max_elements_per_byte``).
+    """
+    p = 1 << prob_bits
+    a = 1 << (state_bits - prob_bits)
+    f = p - (alphabet - 1)
+    shrink = -math.log2((f * a + p - 1) / (p * a + p - 1))
+    grow = word_bits + math.log2(1 + 1 / a)
+    return math.floor(grow / shrink * 8 / word_bits) + 1
 
 
 @numba.njit(cache=True, nogil=True)

@@ -1,34 +1,30 @@
 """HTTP client of the controller API: one method per endpoint, errors turned into KvctlError.
 
-Commands never build URLs or look at status codes; everything HTTP-shaped is decided here.
-Tests inject an in-process app by setting an http factory (`set_http_factory`) that returns
-e.g. Starlette's ``TestClient(app)``, an ``httpx.Client`` subclass.
+Commands never build URLs or look at status codes; everything HTTP-shaped is decided here,
+including what to say when the other end is not a controller: on a reply no controller
+would give, the client probes the server once (``GET /openapi.json``) and names what it
+found (an inference engine, kvctl's monitor port, upstream LMCache's controller, ...).
+
+`connect(settings)` is the one way a client is made, in production and in tests (which
+point it at real servers on loopback ports).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from kvctl.errors import KvctlError
+from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
 from kvctl.settings import Settings
 
 ENDED = ("finished", "failed")
-
-HttpFactory = Callable[[str, float], httpx.Client]
-_http_factory: HttpFactory | None = None
-
-
-def set_http_factory(factory: HttpFactory | None) -> None:
-    """Route every new ControllerClient through ``factory(base_url, timeout)``; None resets.
-
-    A client made by the factory is not closed by ControllerClient: its owner closes it.
-    """
-    global _http_factory
-    _http_factory = factory
+PROBE_PATH = "/openapi.json"
+PROBE_MAX_BYTES = 4 * 1024 * 1024  # an OpenAPI document is tens of KiB; never read more
 
 
 def start_hint(url: str) -> str:
@@ -44,10 +40,23 @@ class ControllerError(KvctlError):
             msg = f"the controller failed on {path} (HTTP {status}): {detail}"
         else:
             msg = f"{detail} (HTTP {status} from {path})"
-        super().__init__(msg)
+        # 4xx: the controller refused the request as given (an unknown instance, method,
+        # location or event): nothing was done, the documented "rejected" code
+        super().__init__(msg, EXIT_REJECTED if 400 <= status < 500 else EXIT_FAILURE)
         self.status = status
         self.path = path
         self.detail = detail
+
+
+class NotAController(KvctlError):
+    """Something answers at the controller URL, but it is not a controller."""
+
+    def __init__(self, url: str, peer: Peer, path: str) -> None:
+        super().__init__(
+            f"{url} is {peer.description}, not a kvctl controller (it has no {path}); point "
+            "--controller (or KVCTL_CONTROLLER) at the controller, which `kvctl serve` "
+            "starts on port 9000 by default")
+        self.peer = peer
 
 
 class UntrackedEvents(KvctlError):
@@ -55,11 +64,43 @@ class UntrackedEvents(KvctlError):
 
     def __init__(self, url: str, event_id: str) -> None:
         super().__init__(
-            f"the controller at {url} does not track events (/check_finish is not "
-            "implemented there, as in upstream LMCache's controller). Such a controller "
-            "finishes each operation before it answers, so event "
-            f"{event_id} already ended when its event_id was returned.")
+            f"cannot follow event {event_id}: the controller at {url} does not track events "
+            "(it is upstream LMCache's, which has no working /check_finish). That "
+            "controller finishes each operation before it answers, so the event ended "
+            "before its id was returned; `kvctl lookup` shows where the KV is now.")
         self.event_id = event_id
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What answers at a URL: ``kind`` is controller, monitor, engine, lmcache or unknown."""
+
+    kind: str
+    description: str
+
+
+KVCTL_TITLES = {"kvctl controller": "controller", "kvctl monitor": "monitor",
+                "kvctl engine": "engine"}
+
+
+def classify(spec: Any) -> Peer:
+    """Name the server behind an OpenAPI document (or None when it has none)."""
+    if not isinstance(spec, dict):
+        return Peer("unknown", "a server that is not a kvctl controller (no OpenAPI "
+                               "description at /openapi.json)")
+    title = str((spec.get("info") or {}).get("title", ""))
+    paths = set(spec.get("paths") or {})
+    kind = KVCTL_TITLES.get(title)
+    if kind == "controller":
+        return Peer("controller", "a kvctl controller")
+    if kind == "monitor" or ({"/metrics", "/events"} <= paths and "/compress" not in paths):
+        return Peer("monitor", "kvctl's monitor port (metrics and events, read-only)")
+    if kind == "engine" or "/v1/completions" in paths or "/tokenize" in paths:
+        return Peer("engine", "an inference engine (OpenAI-compatible API)")
+    if paths & {"/compress", "/lookup", "/check_finish"} and "/events" not in paths:
+        return Peer("lmcache", "upstream LMCache's controller")
+    return Peer("unknown", f"a server titled {title!r}" if title else
+                "a server that is not a kvctl controller")
 
 
 def _detail(r: httpx.Response) -> str:
@@ -82,22 +123,18 @@ def _route_missing(exc: ControllerError) -> bool:
 class ControllerClient:
     """Synchronous client of one controller (our server or any seed-API controller)."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0,
-                 http: httpx.Client | None = None) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._owned = http is None
-        self.http = http if http is not None else httpx.Client(base_url=self.base_url,
-                                                               timeout=timeout)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ControllerClient:
-        http = _http_factory(settings.controller, settings.timeout) if _http_factory else None
-        return cls(settings.controller, settings.timeout, http)
+        # for a server run with --auth-token: every request carries it (never printed:
+        # errors show the server's detail only)
+        token = os.environ.get("KVCTL_AUTH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        self._peer: Peer | None = None
 
     def close(self) -> None:
-        if self._owned:
-            self.http.close()
+        self.http.close()
 
     def __enter__(self) -> ControllerClient:
         return self
@@ -119,21 +156,55 @@ class ControllerClient:
         except httpx.HTTPError as exc:
             raise KvctlError(f"request to {self.base_url}{path} failed: {exc}") from None
         if r.status_code >= 400:
-            raise ControllerError(r.status_code, path, _detail(r))
+            exc = ControllerError(r.status_code, path, _detail(r))
+            if _route_missing(exc):
+                self._unless_controller(path)
+            raise exc
         try:
             return r.json()
         except ValueError:
+            self._unless_controller(path)
             raise KvctlError(f"the controller at {self.base_url} answered {path} with "
                              f"something that is not JSON: {r.text[:200]!r}") from None
+
+    def peer(self) -> Peer:
+        """What answers at the base URL, probed once per client."""
+        if self._peer is None:
+            self._peer = classify(self._probe())
+        return self._peer
+
+    def _probe(self) -> Any:
+        try:
+            with self.http.stream("GET", PROBE_PATH, timeout=min(self.timeout, 5.0)) as r:
+                if r.status_code != 200:
+                    return None
+                data = b""
+                for part in r.iter_bytes():
+                    data += part
+                    if len(data) > PROBE_MAX_BYTES:
+                        return None
+            return json.loads(data)
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def _unless_controller(self, path: str) -> None:
+        """Raise NotAController when the server lacks ``path`` because it is no controller
+        at all; return when it is a controller (kvctl's or upstream LMCache's)."""
+        peer = self.peer()
+        if peer.kind not in ("controller", "lmcache"):
+            raise NotAController(self.base_url, peer, path) from None
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, body)
 
     # ---- cache operations (seed API) ----------------------------------------------------
-    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
-                 ) -> dict[str, Any]:
-        return self._post("/compress", {"instance_id": instance_id, "method": method,
-                                        "location": location, "tokens": list(tokens)})
+    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
+                 force: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"instance_id": instance_id, "method": method,
+                                "location": location, "tokens": list(tokens)}
+        if force:  # only sent when set: LMCache's controller knows no such field
+            body["force"] = True
+        return self._post("/compress", body)
 
     def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
                    ) -> dict[str, Any]:
@@ -187,11 +258,13 @@ class ControllerClient:
             return self._post("/check_finish", {"event_id": event_id})
         except ControllerError as exc:
             if exc.status >= 500 or _route_missing(exc):
+                self._unless_controller("/check_finish")
                 raise UntrackedEvents(self.base_url, event_id) from None
             raise
 
     def event(self, event_id: str) -> dict[str, Any]:
-        """The whole event; from /check_finish (status only) on a controller without /events.
+        """The whole event (an unambiguous prefix of its id will do on kvctl's controller);
+        from /check_finish (status only) on a controller without /events.
 
         Raises UntrackedEvents when the controller cannot say anything about events.
         """
@@ -214,3 +287,8 @@ class ControllerClient:
                                  "`kvctl serve` does)") from None
             raise
         return list(reply.get("events", []))
+
+
+def connect(settings: Settings) -> ControllerClient:
+    """The client of the controller the settings name (the one constructor commands use)."""
+    return ControllerClient(settings.controller, settings.timeout)

@@ -1,7 +1,8 @@
 """Rendering: results to stdout, progress and errors to stderr, JSON when asked.
 
-Everything that comes from a server (details, ids, names) is escaped before rich renders
-it: a ``[bold]`` in an error message must print as text, not as markup.
+`Output` is the one place that decides between JSON, a table and plain lines, and the one
+place errors are printed. Everything that comes from a server (details, ids, names) is
+escaped before Rich renders it: a ``[bold]`` in an error message prints as text.
 """
 
 from __future__ import annotations
@@ -9,45 +10,85 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red"}
+SHORT_ID_LEN = 8  # shortest id shown; longer where two events share the first 8 characters
 
 
-# Consoles are built per use so they follow sys.stdout/sys.stderr as they are at that moment
-# (Typer's CliRunner swaps them per invocation).
-def out() -> Console:
-    return Console(highlight=False)
+class Output:
+    """Where one invocation's output goes; ``json`` is the global ``--json`` flag.
+
+    Consoles are built per use so they follow sys.stdout/sys.stderr as they are at that
+    moment (Typer's CliRunner swaps them per invocation).
+    """
+
+    def __init__(self, json: bool = False) -> None:
+        self.json = json
+
+    # ---- consoles -----------------------------------------------------------------------
+    @staticmethod
+    def out_console() -> Console:
+        return Console(highlight=False)
+
+    @staticmethod
+    def err_console() -> Console:
+        return Console(stderr=True, highlight=False)
+
+    # ---- results (stdout) ---------------------------------------------------------------
+    def result(self, data: Any, human: Callable[[], RenderableType | str | None]) -> None:
+        """``data`` as one JSON document with --json; otherwise what ``human()`` renders
+        (a str is printed as plain text, escaped)."""
+        if self.json:
+            self.print_json(data)
+            return
+        rendered = human()
+        if rendered is None:
+            return
+        self.print(rendered)
+
+    def print(self, rendered: RenderableType | str) -> None:
+        """A table or plain text on stdout; plain text is escaped and never wrapped."""
+        if isinstance(rendered, str):
+            self.out_console().print(Text(rendered), soft_wrap=True)
+        else:
+            self.out_console().print(rendered)
+
+    def markup(self, markup: str) -> None:
+        """Text with kvctl's own markup; the caller escapes what came from a server."""
+        self.out_console().print(markup, soft_wrap=True)
+
+    @staticmethod
+    def print_json(data: Any) -> None:
+        """One JSON document on stdout, nothing else: safe to pipe into jq."""
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+
+    # ---- diagnostics (stderr) -----------------------------------------------------------
+    def error(self, message: str) -> None:
+        self.err_console().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        self.err_console().print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        self.err_console().print(escape(message), soft_wrap=True, style="dim")
+
+    @contextmanager
+    def status(self, message: str) -> Iterator[None]:
+        """A spinner on stderr while something slow runs (nothing when stderr is a file)."""
+        with self.err_console().status(escape(message)):
+            yield
 
 
-def err() -> Console:
-    return Console(stderr=True, highlight=False)
-
-
-def print_json(data: Any) -> None:
-    """One JSON document on stdout, nothing else: safe to pipe into jq."""
-    sys.stdout.write(json.dumps(data) + "\n")
-    sys.stdout.flush()
-
-
-def error(message: str) -> None:
-    err().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-
-
-def note(message: str) -> None:
-    err().print(escape(message), soft_wrap=True, style="dim")
-
-
-def warn(message: str) -> None:
-    err().print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-
-
+# ------------------------------------------------------------------- formatting ----
 def fmt_bytes(n: int | float | None) -> str:
     if not n:
         return "-" if n is None else "0 B"
@@ -80,33 +121,61 @@ def status_text(status: str | None) -> Text:
     return Text(s, style=STATUS_STYLE.get(s, ""))
 
 
-def events_table(events: Iterable[Mapping[str, Any]], title: str | None = None) -> Table:
-    """One row per event; fits 80 columns with full ids folded, wider terminals unfolded."""
-    from rich import box
+def _tail(event_id: str) -> str | None:
+    """The random part of a kvctl id (``compress-<32 hex>`` -> the hex), None for others."""
+    _, sep, tail = event_id.rpartition("-")
+    if sep and len(tail) >= 16 and all(c in "0123456789abcdef" for c in tail):
+        return tail
+    return None
 
+
+def short_ids(event_ids: Iterable[str]) -> dict[str, str]:
+    """Full id -> the shortest prefix of its random part (>= 8 characters) that no other
+    listed id shares. kvctl's controller accepts it wherever an id is expected. Ids of
+    other controllers are shown whole."""
+    tails = {str(e): _tail(str(e)) for e in event_ids}
+    known = [t for t in tails.values() if t]
+    out = {}
+    for full, tail in tails.items():
+        if tail is None:
+            out[full] = full
+            continue
+        n = SHORT_ID_LEN
+        while n < len(tail) and any(o != tail and o.startswith(tail[:n]) for o in known):
+            n += 1
+        out[full] = tail[:n]
+    return out
+
+
+def short_id(event_id: str) -> str:
+    return short_ids([event_id])[event_id]
+
+
+def events_table(events: Iterable[Mapping[str, Any]], title: str | None = None,
+                 now: float | None = None) -> Table:
+    """One row per event, 80 columns wide at most: short ids (typeable, never folded),
+    op, method, state, chunks, size after, ratio, elapsed. `events show` has the rest."""
     events = list(events)
-    # kvctl's ids start with the op ("compress-…"): an op column would only repeat them
-    show_op = any(not str(ev.get("event_id", "")).startswith(f"{ev.get('op')}-")
-                  for ev in events)
-    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("event", overflow="fold", min_width=16)
-    cols = (("op", "left"),) if show_op else ()
-    cols += (("state", "left"), ("chunks", "right"), ("before", "right"), ("after", "right"),
-             ("ratio", "right"), ("elapsed", "right"))
-    for col, justify in cols:
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    now = time.time()
+    ids = short_ids(str(ev.get("event_id")) for ev in events)
+    table = Table(title=title, header_style="bold", box=None, pad_edge=False,
+                  padding=(0, 1, 0, 0))
+    # Only the method column gives way on a narrow terminal; the others are as wide as
+    # their widest cell, so an id is never folded or cut.
+    table.add_column("id", no_wrap=True, min_width=max((len(i) for i in ids.values()),
+                                                      default=2))
+    table.add_column("op", no_wrap=True, min_width=10)
+    table.add_column("method", no_wrap=True, overflow="ellipsis", max_width=16)
+    table.add_column("state", no_wrap=True, min_width=8)
+    for col, width in (("chunks", 7), ("after", 9), ("ratio", 6), ("elapsed", 7)):
+        table.add_column(col, justify="right", no_wrap=True, min_width=width)
+    now = time.time() if now is None else now
     for ev in events:
         total = ev.get("chunks_total")
         chunks = "-" if total is None else f"{ev.get('chunks_done', 0)}/{total}"
-        row: list[Any] = [Text(str(ev.get("event_id", "?")))]
-        if show_op:
-            row.append(Text(str(ev.get("op", "-"))))
-        row += [status_text(ev.get("status")), chunks,
-                fmt_bytes(ev.get("bytes_before")) if "bytes_before" in ev else "-",
-                fmt_bytes(ev.get("bytes_after")) if "bytes_after" in ev else "-",
-                fmt_ratio(ev), elapsed(ev, now)]
-        table.add_row(*row)
+        table.add_row(Text(ids[str(ev.get("event_id"))]), Text(str(ev.get("op") or "-")),
+                      Text(str(ev.get("method") or "-")), status_text(ev.get("status")),
+                      chunks, fmt_bytes(ev.get("bytes_after")) if "bytes_after" in ev else "-",
+                      fmt_ratio(ev), elapsed(ev, now))
     return table
 
 

@@ -2,23 +2,29 @@
 
 The config file is ``<user config dir>/kvctl/config.yaml`` (``typer.get_app_dir``), or the
 file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id.
+`resolve` reads the file once and records where each value came from (`kvctl config show`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvctl.errors import KvctlError
+from kvctl.errors import KvctlError, UsageError
 
 DEFAULT_CONTROLLER = "http://localhost:9000"
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_TOKENIZER = "smollm2"
 DEFAULT_INSTANCE_ID = "lmcache_default_instance"
 DEFAULT_METHOD = "cachegen"
 DEFAULT_LOCATION = "LocalCPUBackend"
 FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id")
+ENV_VARS = {"controller": "KVCTL_CONTROLLER", "timeout": "KVCTL_TIMEOUT",
+            "tokenizer": "KVCTL_TOKENIZER", "instance_id": "KVCTL_INSTANCE_ID"}
+DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT_TIMEOUT,
+                            "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID}
 
 
 def config_path() -> Path:
@@ -45,9 +51,9 @@ def load_file(path: Path | None = None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise KvctlError(f"config file {path}: expected a mapping of keys "
                          f"({', '.join(FILE_KEYS)})")
-    unknown = sorted(set(data) - set(FILE_KEYS))
+    unknown = sorted(set(map(str, data)) - set(FILE_KEYS))
     if unknown:
-        raise KvctlError(f"config file {path}: unknown key(s) {', '.join(map(str, unknown))}; "
+        raise KvctlError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
                          f"known: {', '.join(FILE_KEYS)}")
     return data
 
@@ -62,36 +68,53 @@ def normalize_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    controller: str
-    timeout: float
-    tokenizer: str | None
-    instance_id: str
+    """The effective settings of one invocation; ``sources`` says where each came from
+    (``--flag``, an environment variable, the config file's path, or ``default``)."""
+
+    controller: str = DEFAULT_CONTROLLER
+    timeout: float = DEFAULT_TIMEOUT
+    tokenizer: str = DEFAULT_TOKENIZER
+    instance_id: str = DEFAULT_INSTANCE_ID
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def as_rows(self) -> list[tuple[str, Any, str]]:
+        return [(k, getattr(self, k), self.sources.get(k, "default")) for k in FILE_KEYS]
 
 
-def _pick(flag: Any, env: str, file: dict[str, Any], key: str, default: Any) -> tuple[Any, str]:
-    if flag is not None:
-        return flag, f"--{key.replace('_', '-')}"
-    if os.environ.get(env):
-        return os.environ[env], env
-    if file.get(key) is not None:
-        return file[key], str(config_path())
-    return default, "default"
+@dataclass(frozen=True)
+class Flags:
+    """Global flags as given on the command line; None means not given."""
+
+    controller: str | None = None
+    timeout: float | None = None
+    tokenizer: str | None = None
+    instance_id: str | None = None
 
 
-def resolve(controller: str | None = None, timeout: float | None = None,
-            tokenizer: str | None = None, instance_id: str | None = None) -> Settings:
-    """Settings from flags (None = not given), then env, then the config file."""
-    file = load_file()
-    url, _ = _pick(controller, "KVCTL_CONTROLLER", file, "controller", DEFAULT_CONTROLLER)
-    raw_timeout, source = _pick(timeout, "KVCTL_TIMEOUT", file, "timeout", DEFAULT_TIMEOUT)
+def resolve(flags: Flags | None = None) -> Settings:
+    """Settings from flags, then env, then the config file (read once), then defaults."""
+    flags = flags or Flags()
+    path = config_path()
+    file = load_file(path)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in FILE_KEYS:
+        flag, env = getattr(flags, key), os.environ.get(ENV_VARS[key])
+        if flag is not None:
+            values[key], sources[key] = flag, f"--{key.replace('_', '-')}"
+        elif env:
+            values[key], sources[key] = env, ENV_VARS[key]
+        elif file.get(key) is not None:
+            values[key], sources[key] = file[key], str(path)
+        else:
+            values[key], sources[key] = DEFAULTS[key], "default"
     try:
-        t = float(raw_timeout)
+        timeout = float(values["timeout"])
     except (TypeError, ValueError):
-        raise KvctlError(f"timeout from {source} must be a number of seconds, "
-                         f"got {raw_timeout!r}", 2) from None
-    if t <= 0:
-        raise KvctlError(f"timeout from {source} must be > 0, got {t}", 2)
-    tok, _ = _pick(tokenizer, "KVCTL_TOKENIZER", file, "tokenizer", None)
-    inst, _ = _pick(instance_id, "KVCTL_INSTANCE_ID", file, "instance_id", DEFAULT_INSTANCE_ID)
-    return Settings(controller=normalize_url(str(url)), timeout=t,
-                    tokenizer=str(tok) if tok is not None else None, instance_id=str(inst))
+        raise UsageError(f"timeout from {sources['timeout']} must be a number of seconds, "
+                         f"got {values['timeout']!r}") from None
+    if not timeout > 0:
+        raise UsageError(f"timeout from {sources['timeout']} must be > 0, got {timeout:g}")
+    return Settings(controller=normalize_url(str(values["controller"])), timeout=timeout,
+                    tokenizer=str(values["tokenizer"]), instance_id=str(values["instance_id"]),
+                    sources=sources)

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from kvctl import __version__
 from kvctl.server.config import ServerSettings
+from kvctl.server.limits import install_guards
 from kvctl.server.routers import cache, cluster, events
 from kvctl.server.storage import StorageError
 from kvctl.server.worker import RequestError, WorkerRuntime
@@ -46,12 +47,16 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
             if owned:
                 app.state.runtime.close()
 
+    # No /docs or /redoc: FastAPI's pages load their JavaScript from a CDN, blank on an
+    # offline machine. The API description is /openapi.json (README, "HTTP API").
     app = FastAPI(title="kvctl controller", version=__version__, lifespan=lifespan,
-                  description="LMCache-compatible cache controller with tracked events.")
+                  description="LMCache-compatible cache controller with tracked events.",
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.include_router(cache.router)
     app.include_router(events.router)
     app.include_router(cluster.router)
+    install_guards(app, settings)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:

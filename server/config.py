@@ -1,7 +1,8 @@
 """Server settings: LMCache-style YAML config files, env overrides and `kvctl serve` flags.
 
-Both seed config files load unchanged. Keys kvctl does not use (they configure parts of an
-LMCache deployment that the bundled server replaces) are accepted; keys nobody knows warn.
+Both seed config files load unchanged. Every LMCache key either works or is named in one
+warning saying it has no effect here (it configures a part of an LMCache deployment that the
+bundled server replaces); keys nobody knows warn too. None is dropped silently.
 """
 
 from __future__ import annotations
@@ -14,21 +15,29 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvctl.server.redact import redact
+
 log = logging.getLogger("kvctl.server")
 
 DEFAULT_INSTANCE_ID = "lmcache_default_instance"
 CONFIG_ENV = "LMCACHE_CONFIG_FILE"
+AUTH_TOKEN_ENV = "KVCTL_AUTH_TOKEN"
 
-# LMCache keys that are meaningful upstream but configure nothing in the bundled server.
+# LMCache keys that are meaningful upstream but configure nothing in the bundled server:
+# accepted (a real LMCache config loads) and named in a warning.
 _ACCEPTED_UPSTREAM_KEYS = frozenset({
-    "remote_serde", "save_decode_cache", "enable_blending", "blend_recompute_ratio",
+    "save_decode_cache", "enable_blending", "blend_recompute_ratio",
     "blend_min_tokens", "enable_p2p", "lookup_url", "lmcache_worker_ids", "pipelined_backend",
-    "save_unfull_chunk", "use_layerwise", "cache_policy", "extra_config", "blocking_timeout_secs",
+    "use_layerwise", "cache_policy", "extra_config", "blocking_timeout_secs",
     "nixl_role", "enable_nixl", "enable_pd", "pd_role", "external_lookup_client",
     "internal_api_server_enabled", "internal_api_server_port_start", "gds_path",
     "weka_path", "cufile_buffer_size", "local_disk_path", "priority_limit", "py_enable_gc",
     "cache_engine_use_cudagraph", "numa_mode", "error_handling", "enable_async_loading",
 })
+
+
+# LMCache's serde names for the remote tier; any kvctl method string works as well
+_SERDE_ALIASES = {"naive": "raw"}
 
 
 class ConfigError(ValueError):
@@ -47,6 +56,9 @@ class ServerSettings(BaseModel):
     local_disk: str | None = None
     max_local_disk_size: float = Field(0.0, ge=0, description="GB; 0 = 10 GB default")
     remote_url: str | None = None
+    remote_serde: str = Field("naive", description="codec of chunks in the remote tier: "
+                              "naive (fp16), cachegen, or any kvctl method")
+    save_unfull_chunk: bool = Field(True, description="store a prompt's last partial chunk")
     enable_controller: bool = True
     lmcache_instance_id: str = DEFAULT_INSTANCE_ID
     controller_url: str | None = None
@@ -67,7 +79,23 @@ class ServerSettings(BaseModel):
     torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
     max_request_tokens: int = Field(1_000_000, ge=1)
     max_events: int = Field(10_000, ge=10)
-    engine_location: str = "LocalCPUBackend"
+    remote_key_prefix: str = Field("kvctl", min_length=1, max_length=200,
+                                   description="prefix of every Redis key kvctl writes")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024,
+                                description="largest request body, chunked or not (413 beyond)")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names accepted on loopback besides localhost "
+                                          "(DNS rebinding protection)")
+    auth_token: str | None = Field(None, repr=False, description="bearer token every port "
+                                   "requires (also $KVCTL_AUTH_TOKEN)")
+    insecure: bool = Field(False, description="allow a non-loopback host without auth_token")
+
+    @field_validator("auth_token")
+    @classmethod
+    def _usable_token(cls, v: str | None) -> str | None:
+        from kvctl.server.auth import check_token
+
+        return check_token(v) if v else None
 
     @field_validator("lmcache_instance_id")
     @classmethod
@@ -75,6 +103,25 @@ class ServerSettings(BaseModel):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    @field_validator("remote_serde")
+    @classmethod
+    def _known_serde(cls, v: str) -> str:
+        from kvctl.codecs import CodecError, available_methods, codec_for_method
+
+        method = _SERDE_ALIASES.get(v.strip().lower(), v.strip().lower())
+        try:
+            codec_for_method(method)
+        except CodecError:
+            raise ValueError(f"unknown serde {v!r}; use naive, or one of kvctl's methods: "
+                             f"{', '.join(available_methods())}") from None
+        return v
+
+    @property
+    def remote_method(self) -> str:
+        """The kvctl method string ``remote_serde`` names (``naive`` is ``raw``)."""
+        v = self.remote_serde.strip().lower()
+        return _SERDE_ALIASES.get(v, v)
 
     @property
     def local_disk_path(self) -> Path | None:
@@ -99,7 +146,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        # never echo a secret: the token not at all, URLs without their credentials
+        got = "hidden" if key == "auth_token" else redact(repr(err.get("input")))
+        parts.append(f"{key}: {err['msg']} (got {got})")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -122,11 +171,19 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: expected a mapping of keys to values, got {type(data).__name__}")
     known = set(ServerSettings.model_fields)
     out: dict[str, Any] = {}
+    no_effect = []
     for key, value in data.items():
         if key in known:
             out[key] = value
-        elif key not in _ACCEPTED_UPSTREAM_KEYS:
+        elif key == "cache_policy" and str(value).strip().upper() == "LRU":
+            continue  # what every kvctl tier does
+        elif key in _ACCEPTED_UPSTREAM_KEYS:
+            no_effect.append(key)
+        else:
             log.warning("config %s: unknown key %r ignored", p, key)
+    if no_effect:
+        log.warning("config %s: LMCache key(s) %s have no effect in kvctl's bundled server; "
+                    "ignored", p, ", ".join(sorted(no_effect)))
     return out
 
 
@@ -138,6 +195,8 @@ def build_settings(config_file: str | os.PathLike[str] | None = None,
     """
     source = str(config_file or os.environ.get(CONFIG_ENV) or "")
     data = load_config_file(source) if source else {}
+    if os.environ.get(AUTH_TOKEN_ENV):  # the environment beats the file, a flag beats both
+        data["auth_token"] = os.environ[AUTH_TOKEN_ENV]
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return ServerSettings(**data)

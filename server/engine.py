@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.app import describe_validation
+from kvctl.server.limits import install_guards
+from kvctl.server.schemas import Text, TokenIds
+from kvctl.server.storage import StorageError
 from kvctl.server.worker import WorkerRuntime
 
 log = logging.getLogger("kvctl.engine")
@@ -33,12 +36,13 @@ log = logging.getLogger("kvctl.engine")
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | list[int]
+    prompt: Text | TokenIds
     max_tokens: int = Field(16, ge=0, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    # what torch's generator takes
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
 
@@ -46,7 +50,7 @@ class CompletionRequest(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -61,7 +65,7 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds
 
 
 @dataclass
@@ -111,7 +115,13 @@ class Engine:
                                      f"({req.max_tokens}) exceeds max_model_len "
                                      f"{self.lm.max_model_len}")
         # The last prompt token is always recomputed: its logits start the generation.
-        n_cached, cached_kv = self.runtime.load_prefix(ids, max_tokens=len(ids) - 1)
+        # Read-through: each stored chunk from the fastest tier holding it. A store that
+        # cannot answer means recomputing, never a failed completion.
+        try:
+            n_cached, cached_kv = self.runtime.load_prefix(ids, max_tokens=len(ids) - 1)
+        except StorageError as exc:
+            log.warning("cached KV unavailable (%s); computing the whole prompt", exc)
+            n_cached, cached_kv = 0, None
         model = self.lm.model
         dev = self.lm.device
         dtype = next(model.parameters()).dtype
@@ -129,8 +139,12 @@ class Engine:
             step = torch.tensor([ids[n_cached:]], device=dev)
             res = model(input_ids=step, cache=cache, use_cache=True)
             cache = res.cache
-            # fp16, as a serving engine's paged cache would hold it
-            self.runtime.store_kv(ids, kv_from_cache(cache).to(torch.float16).cpu())
+            # fp16, as a serving engine's paged cache would hold it; written through to every
+            # tier. A store that is full or down leaves this completion uncached, not failed.
+            try:
+                self.runtime.store_kv(ids, kv_from_cache(cache).to(torch.float16).cpu())
+            except StorageError as exc:
+                log.warning("prompt KV not stored (%s); served uncached", exc)
             logits = res.logits[0, -1]
             for _ in range(req.max_tokens):
                 nxt = _sample(logits, req.temperature, req.top_p, gen)
@@ -204,6 +218,7 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
     app = FastAPI(title="kvctl engine", lifespan=lifespan,
                   description="OpenAI-compatible completions over the embedded model.")
     app.state.ready = ready
+    install_guards(app, runtime.settings)
 
     def get_engine() -> Engine:
         if state["error"]:

@@ -11,6 +11,17 @@ from typing import Any
 
 QUEUED, RUNNING, FINISHED, FAILED = "queued", "running", "finished", "failed"
 TERMINAL = frozenset({FINISHED, FAILED})
+MAX_CANDIDATES = 5  # ids named in an "ambiguous prefix" answer
+
+
+class AmbiguousEventId(LookupError):
+    """A prefix that more than one event id starts with; ``candidates`` names a few."""
+
+    def __init__(self, prefix: str, candidates: list[str], count: int) -> None:
+        super().__init__(prefix)
+        self.prefix = prefix
+        self.candidates = candidates
+        self.count = count
 
 
 @dataclass
@@ -29,6 +40,10 @@ class Event:
     bytes_before: int = 0
     bytes_after: int = 0
     error: str | None = None
+    # compress/decompress: [codec before, codec after] per chunk, in chunk order
+    chunk_codecs: list[list[str]] = field(default_factory=list)
+    # something the operator should know although the event did not fail
+    warning: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -100,9 +115,26 @@ class EventTable:
             self._cond.notify_all()
 
     def get(self, event_id: str) -> dict[str, Any] | None:
+        """The event with this id, or with the one id this prefix names (see `_resolve`)."""
         with self._lock:
-            ev = self._events.get(event_id)
+            full = self._resolve(event_id)
+            ev = self._events.get(full) if full else None
             return ev.to_dict() if ev else None
+
+    def _resolve(self, prefix: str) -> str | None:
+        """The full id that ``prefix`` names: the id itself, or the only id that starts with
+        it, whole (``compress-3f2a``) or after its op (``3f2a``, the short id the CLI
+        shows). None when no id matches; AmbiguousEventId when several do. The table is
+        bounded (max_events), so the scan is too."""
+        if prefix in self._events:
+            return prefix
+        if not prefix:
+            return None
+        hits = [eid for eid in self._events
+                if eid.startswith(prefix) or eid.partition("-")[2].startswith(prefix)]
+        if len(hits) > 1:
+            raise AmbiguousEventId(prefix, hits[:MAX_CANDIDATES], len(hits))
+        return hits[0] if hits else None
 
     def list(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         with self._lock:

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from fastapi import FastAPI, Request, Response
 
 from kvctl.server.app import create_app
+from kvctl.server.auth import check_exposure, is_loopback
 from kvctl.server.config import ServerSettings
+from kvctl.server.limits import install_guards
 from kvctl.server.routers import events
 from kvctl.server.worker import WorkerRuntime
 
@@ -28,6 +30,7 @@ def create_monitor_app(runtime: WorkerRuntime) -> FastAPI:
 
     app = FastAPI(title="kvctl monitor")
     app.state.runtime = runtime
+    install_guards(app, runtime.settings)
     app.include_router(events.router)
 
     @app.get("/metrics")
@@ -80,9 +83,10 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
 
         torch.set_num_threads(settings.torch_threads)
 
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the API has no authentication; anyone who can reach this "
-                    "address can read and delete cached KV", settings.host)
+    check_exposure(settings.host, settings.auth_token, settings.insecure)
+    if not settings.auth_token and not is_loopback(settings.host):
+        log.warning("binding %s with --insecure: the API has no authentication; anyone who "
+                    "can reach this address can read and delete cached KV", settings.host)
     runtime = WorkerRuntime(settings)
     plan: list[tuple[str, FastAPI, socket.socket]] = []
     try:

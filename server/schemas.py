@@ -2,13 +2,56 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
 
-TokenList = list[int]
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# Token ids are vocabulary indices: 0 <= id < 2**31 (no tokenizer comes near; int32 holds
+# them wherever they are stored or hashed). A request carries at most MAX_REQUEST_TOKENS
+# (4,194,304; the server's max_request_tokens setting may lower it further, with a 413).
+MAX_TOKEN_ID = 2**31 - 1
+MAX_REQUEST_TOKENS = 2**22
+# Names (instance ids, locations, methods, event ids) are short; a longer one is refused
+# with a 422 before anything could echo it back.
+MAX_NAME_CHARS = 256
+
+
+def check_token_ids(ids: list[int]) -> list[int]:
+    """Refuse ids outside [0, 2**31) in one pass (min/max run in C), naming the first."""
+    if ids and (min(ids) < 0 or max(ids) > MAX_TOKEN_ID):
+        i, bad = next((i, t) for i, t in enumerate(ids) if not 0 <= t <= MAX_TOKEN_ID)
+        shown = str(bad) if len(str(bad)) <= 24 else f"{str(bad)[:12]}...({len(str(bad))} digits)"
+        raise ValueError(f"token ids must be integers in [0, 2**31); tokens[{i}] = {shown}")
+    return ids
+
+
+def check_text(text: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate, which JSON's \\ud800
+    escape can carry): no tokenizer or UTF-8 encoder can handle it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text contains an unpaired surrogate {text[exc.start]!r} at index "
+                         f"{exc.start}; send valid UTF-8") from None
+    return text
+
+
+# fail_fast: a million bad items make one error, not a million-part detail
+TokenIds = Annotated[list[int], Field(max_length=MAX_REQUEST_TOKENS, fail_fast=True),
+                     AfterValidator(check_token_ids)]
+Text = Annotated[str, AfterValidator(check_text)]
+TokenList = TokenIds
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # str_max_length bounds every string field of every request body
+    model_config = ConfigDict(extra="ignore", str_max_length=MAX_NAME_CHARS)
+
+    @field_validator("method", check_fields=False)
+    @classmethod
+    def _canonical_method(cls, v: Any) -> Any:
+        # one spelling per method: events and metric labels never see "CacheGen " variants
+        return v.strip().lower() if isinstance(v, str) else v
 
 
 class CompressRequest(_Body):
@@ -16,6 +59,8 @@ class CompressRequest(_Body):
     method: str
     location: str
     tokens: TokenList
+    force: bool = Field(False, description="compress chunks another lossy codec already "
+                                           "holds (their losses add up)")
 
 
 class OpResponse(BaseModel):
@@ -29,7 +74,10 @@ class LookupRequest(_Body):
 
 class LookupResponse(BaseModel):
     event_id: str
+    # LMCache's field, unchanged: per instance, the location with the longest prefix
     layout_info: dict[str, tuple[str, int]]
+    # kvctl's detail beside it: per instance, tokens of the prefix each location holds
+    tiers: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 
 class ClearRequest(_Body):
@@ -110,6 +158,8 @@ class EventModel(BaseModel):
     bytes_before: int
     bytes_after: int
     error: str | None
+    chunk_codecs: list[list[str]] = Field(default_factory=list)
+    warning: str | None = None
     created_at: float
     started_at: float | None
     finished_at: float | None

@@ -26,6 +26,8 @@ from kvctl.server.storage import (
     StorageBackend,
     StorageError,
 )
+from kvctl.server.storage.base import UNKNOWN_CODEC, codec_name, label_for
+from kvctl.server.storage.tiers import TIER_ORDER, TieredStore
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +62,8 @@ def build_backends(settings: ServerSettings) -> dict[str, StorageBackend]:
         backends[LocalDiskBackend.name] = LocalDiskBackend(settings.local_disk_path,
                                                            settings.disk_bytes)
     if settings.remote_url:
-        remote = RemoteBackend(settings.remote_url, settings.lmcache_instance_id)
+        remote = RemoteBackend(settings.remote_url, settings.lmcache_instance_id,
+                               key_prefix=settings.remote_key_prefix)
         remote.ping()
         backends[RemoteBackend.name] = remote
     return backends
@@ -85,6 +88,10 @@ class WorkerRuntime:
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="kvctl-io")
         self._raw = get_codec(RAW_METHOD)
         self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+        # the engine's view: write-through to every tier, read-through from the fastest
+        self.store = TieredStore(self.backends, self._raw,
+                                 codec_for_method(settings.remote_method),
+                                 settings.save_unfull_chunk, settings.chunk_size, self.device)
         # JIT-compiled coders compile (or load their cache) on first use; do it now, on the
         # pool, so the first real job does not pay for it.
         self._pool.submit(self._warm_up)
@@ -130,9 +137,11 @@ class WorkerRuntime:
 
     def matched(self, backend: StorageBackend, tokens: Sequence[int]) -> list[ChunkRef]:
         """The consecutive prefix of ``tokens``' chunks that ``backend`` holds."""
+        refs = self.refs(tokens)
+        held = backend.contains_many([r.key for r in refs]) if refs else []
         out = []
-        for ref in self.refs(tokens):
-            if not backend.contains(ref.key):
+        for ref, ok in zip(refs, held, strict=True):
+            if not ok:
                 break
             out.append(ref)
         return out
@@ -159,15 +168,45 @@ class WorkerRuntime:
         pool.submit(run)
         return ev
 
-    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
-                 ) -> Event:
+    def compress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
+                 force: bool = False) -> Event:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
         codec = self.codec(method)
         backend = self.backend(location)
         refs = self.matched(backend, tokens)
-        return self._schedule(self._pool, "compress", instance_id, method, location, refs,
-                              lambda ev, rs: self._transcode(ev, rs, backend, codec, "compress"))
+        warning = self._check_stacking(backend, refs, codec, force)
+        ev = self._schedule(self._pool, "compress", instance_id, method, location, refs,
+                            lambda ev, rs: self._transcode(ev, rs, backend, codec, "compress"))
+        if warning:
+            self.events.record(ev, warning=warning)
+        return ev
+
+    def _check_stacking(self, backend: StorageBackend, refs: list[ChunkRef], codec: Any,
+                        force: bool) -> str | None:
+        """Refuse (409) to re-encode chunks that another lossy codec already holds, unless
+        ``force``: the losses would add up and nothing downstream could tell. Forced, the
+        event carries a warning instead."""
+        if not refs:
+            return None
+        target = label_for(codec.name, codec.params)
+        lossy: dict[str, int] = {}
+        for label in backend.codecs_many([r.key for r in refs]):
+            if label is None or label in (target, UNKNOWN_CODEC) or _lossless(label):
+                continue
+            lossy[label] = lossy.get(label, 0) + 1
+        if not lossy:
+            return None
+        held = ", ".join(f"{n} with {label}" for label, n in sorted(lossy.items()))
+        n = sum(lossy.values())
+        if not force:
+            raise RequestError(409, f"{n} of {len(refs)} chunks in {backend.name} are already "
+                                    f"compressed lossily ({held}); compressing them with "
+                                    f"{target} would add its loss to theirs. Compress with "
+                                    "the same method, or pass force=true (kvctl compress "
+                                    "--force) to accept both losses")
+        return (f"forced: {n} of {len(refs)} chunks were already lossy ({held}); their "
+                f"{target} encoding carries both losses")
 
     def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int]
                    ) -> Event:
@@ -184,6 +223,8 @@ class WorkerRuntime:
                    op: str) -> None:
         """Re-encode each chunk with ``target`` (the raw codec when decompressing)."""
         method = ev.method or target.name
+        target_label = label_for(target.name, target.params)
+        codecs: list[list[str]] = []
         for i, ref in enumerate(refs):
             blob = backend.get(ref.key)
             if blob is None:
@@ -192,16 +233,21 @@ class WorkerRuntime:
                     f"was processed (evicted or cleared); {ev.chunks_done} of "
                     f"{len(refs)} chunks done")
             info = peek_blob(blob)
+            before = label_for(info.codec, info.params)
+            codecs.append([before, target_label])
             if info.codec == target.name and info.params == target.params:
                 self.events.progress(ev, len(blob), len(blob))
+                self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
                 continue
             t0 = time.perf_counter()
             kv = decode_blob(blob, device=self.device)
             new = target.encode(kv)
             elapsed = time.perf_counter() - t0
             backend.put(ref.key, new, ref.num_tokens)
+            self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
             with self._stats_lock:
-                k = (op, method)
+                # a decompress is counted under the codec it actually decoded
+                k = (op, method if op == "compress" else _metric_label(before))
                 self.codec_times.seconds[k] = self.codec_times.seconds.get(k, 0.0) + elapsed
                 self.codec_times.chunks[k] = self.codec_times.chunks.get(k, 0) + 1
                 if op == "compress":
@@ -237,9 +283,9 @@ class WorkerRuntime:
         refs = self.matched(backend, tokens)
 
         def job(ev: Event, rs: list[ChunkRef]) -> None:
-            for ref in rs:
-                if backend.set_pinned(ref.key, pinned):
-                    self.events.progress(ev, 0, 0)
+            # one call for all chunks: the disk tier writes its pins file once
+            present = backend.set_pinned_many([r.key for r in rs], pinned)
+            self.events.record(ev, chunks_done=present)
 
         return self._schedule(self._io_pool, "pin" if pinned else "unpin", instance_id, None,
                               location, refs, job)
@@ -269,13 +315,35 @@ class WorkerRuntime:
         return self._schedule(self._io_pool, "move", old[0], None, f"{old[1]}->{new[1]}", refs,
                               job)
 
-    def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
+    def lookup_tiers(self, tokens: Sequence[int]) -> dict[str, int]:
+        """Tokens of the stored prefix each location holds (locations holding none left out,
+        fastest first). A location that cannot answer (Redis down) is left out too: the
+        others still answer."""
         self.check_tokens(tokens)
+        out: dict[str, int] = {}
+        order = [n for n in TIER_ORDER if n in self.backends]
+        order += [n for n in self.backends if n not in order]
+        for name in order:
+            if not self.store.available(name):
+                continue  # failed moments ago: answer from the others without waiting
+            try:
+                refs = self.matched(self.backends[name], tokens)
+            except StorageError as exc:
+                self.store.failed(name, "read_failures", exc)
+                continue
+            if refs:
+                out[name] = refs[-1].end
+        return out
+
+    def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
+        """LMCache's ``layout_info``: the location with the longest prefix (the fastest of
+        equals)."""
+        return self.layout_info(self.lookup_tiers(tokens))
+
+    def layout_info(self, tiers: dict[str, int]) -> dict[str, list[Any]]:
         best: tuple[str, int] | None = None
-        for name, backend in self.backends.items():
-            refs = self.matched(backend, tokens)
-            n = refs[-1].end if refs else 0
-            if n and (best is None or n > best[1]):
+        for name, n in tiers.items():
+            if best is None or n > best[1]:
                 best = (name, n)
         return {self.instance_id: [best[0], best[1]]} if best else {}
 
@@ -284,11 +352,15 @@ class WorkerRuntime:
                  ) -> int:
         """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk.
 
-        Chunks already present (possibly compressed) are left alone. Returns chunks written.
+        Without ``location``, write-through: into every configured tier (see TieredStore).
+        Chunks already present (possibly compressed) are left alone. Returns chunks written
+        (summed over tiers).
         """
         import torch
 
-        backend = self.backend(location or self.settings.engine_location)
+        if location is None:
+            return sum(self.store.store(self.refs(tokens), kv).values())
+        backend = self.backend(location)
         written = 0
         for ref in self.refs(tokens):
             if ref.end > kv.shape[2] or backend.contains(ref.key):
@@ -300,10 +372,16 @@ class WorkerRuntime:
 
     def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None,
                     location: str | None = None) -> tuple[int, torch.Tensor | None]:
-        """The stored KV of the longest stored prefix of ``tokens``, decoding as needed."""
+        """The stored KV of the longest stored prefix of ``tokens``, decoding as needed.
+
+        Without ``location``, read-through: each chunk from the fastest tier holding it.
+        """
         import torch
 
-        backend = self.backend(location or self.settings.engine_location)
+        if location is None:
+            got = self.store.load(self.refs(tokens), max_tokens)
+            return got.num_tokens, got.kv
+        backend = self.backend(location)
         parts = []
         n = 0
         for ref in self.refs(tokens):
@@ -332,6 +410,23 @@ class WorkerRuntime:
         self._io_pool.shutdown(wait=True, cancel_futures=True)
         for b in self.backends.values():
             b.close()
+
+
+def _lossless(label: str) -> bool:
+    try:
+        return bool(codec_for_method(label).lossless)
+    except CodecError:
+        return False
+
+
+def _metric_label(label: str) -> str:
+    """A method label as-is when it is a known method, else its codec's name: metric label
+    values stay a bounded set whatever blobs a store holds."""
+    try:
+        codec_for_method(label)
+        return label
+    except CodecError:
+        return codec_name(label)
 
 
 def _pick_device(pref: str) -> str:

@@ -1,4 +1,5 @@
-"""`kvctl bench`: the table, JSON, plot and markdown outputs, and its one-line errors."""
+"""`kvctl bench`: the table, JSON, plot and markdown outputs, and its one-line errors;
+the second embedded model (Gemma 3) and the text suite."""
 
 from __future__ import annotations
 
@@ -9,19 +10,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from kvctl.commands.bench import bench
-
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    a = typer.Typer()
-    a.command()(bench)
+    # the real root: it prints bench's errors, as every command's (kvctl/cli.py)
+    from kvctl.cli import app
 
-    @a.command()
-    def _other() -> None:  # a second command keeps `bench` a subcommand, as in the real CLI
-        pass
-
-    return a
+    return app
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +125,120 @@ def test_gemma3_kv_shape_and_greedy_decode_through_exact_kv(gemma):
     assert torch.equal(kv_from_cache(cache), kv)
 
 
+def test_gemma3_gguf_is_assembled_once_and_repaired(tmp_path, monkeypatch):
+    from kvctl.common import model as m
+
+    monkeypatch.setenv("KVCTL_CACHE_DIR", str(tmp_path))
+    path = m.gemma3_gguf_path()
+    assert path.parent == tmp_path / "models" and path.read_bytes()[:4] == b"GGUF"
+    size = path.stat().st_size
+    mtime = path.stat().st_mtime_ns
+    assert m.gemma3_gguf_path() == path and path.stat().st_mtime_ns == mtime  # not rewritten
+    with path.open("r+b") as f:  # a file cut short (a crash, a full disk) is joined again
+        f.truncate(size // 2)
+    assert m.gemma3_gguf_path().stat().st_size == size
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left over
+
+
+# ------------------------------------------------------------------ the suite ----
+def test_suite_has_ten_kinds_and_no_calibration_text():
+    from kvctl.common import bench as b
+
+    assert len(b.SUITE) >= 10
+    assert {"prose", "python", "markdown", "json", "csv", "licence", "faq", "changelog",
+            "german", "russian", "chat"} <= set(b.SUITE)
+    assert all(p.is_file() for p in b.SUITE.values())
+    assert b.TEXTS / "calibration.txt" not in b.SUITE.values()
+    assert b.suite_kinds() == list(b.SUITE)
+    assert b.suite_kinds(3) == list(b.SUITE)[:3]
+    assert b.suite_kinds(kinds=["german", "prose"]) == ["prose", "german"]  # report order
+    with pytest.raises(b.BenchError, match="unknown text kind 'klingon'"):
+        b.suite_kinds(kinds=["klingon"])
+
+
 @pytest.mark.model
-def test_gemma3_bench_on_text(app):
-    r = CliRunner().invoke(app, ["bench", "--model", "gemma3", "--prefix", "64",
-                                 "--continuation", "32", "--chunk-size", "32", "--repeats", "1",
-                                 "--codec", "raw", "--codec", "int8", "--json"])
+def test_every_suite_text_is_long_enough_on_both_tokenizers(smollm2_tokenizer, gemma):
+    from kvctl.common import bench as b
+
+    _, gemma_tok = gemma
+    for kind, path in b.SUITE.items():
+        text = path.read_text(encoding="utf-8")
+        for name, tok in (("smollm2", smollm2_tokenizer), ("gemma3", gemma_tok)):
+            n = len(tok(text)["input_ids"])
+            assert n >= 512 + 256 + 100, f"{kind} has only {n} tokens on {name}"
+
+
+def test_suite_option_errors_are_one_line(app):
+    cases = [(["--suite", "--text", "x.txt"], 2, "--suite runs the bundled texts"),
+             (["--texts", "2"], 2, "add --suite"),
+             (["--kind", "german"], 2, "add --suite"),
+             (["--model", "smollm2", "--model", "gemma3"], 2, "one --model at a time"),
+             (["--suite", "--texts", "0"], 2, "--texts"),
+             (["--suite", "--kind", "klingon"], 1, "unknown text kind 'klingon'")]
+    for args, code, msg in cases:
+        r = CliRunner().invoke(app, ["bench", *args])
+        assert r.exit_code == code and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+
+
+@pytest.mark.model
+def test_suite_end_to_end_reports_both_models(app, tmp_path):
+    png, md = tmp_path / "s.png", tmp_path / "s.md"
+    r = CliRunner().invoke(app, ["bench", "--suite", "--texts", "2", "--codec", "int8",
+                                 "--prefix", "32", "--continuation", "16", "--chunk-size", "16",
+                                 "--json", "--plot", str(png), "--markdown", str(md)])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["shape"] == [18, 2, 64, 1, 256]
-    raw, int8 = rep["results"]
-    assert raw["top1"] == 1.0 and abs(raw["ppl_change"]) < 1e-6
-    assert int8["ratio"] > 1.9 and int8["top1"] > 0.8
+    assert rep["texts"] == ["prose", "python"]
+    assert [(m["model"], m["kv_shape"]) for m in rep["models"]] == [
+        ("smollm2", [30, 2, 32, 3, 64]), ("gemma3", [18, 2, 32, 1, 256])]
+    assert [(row["model"], row["method"]) for row in rep["rows"]] == [
+        ("smollm2", "int8"), ("gemma3", "int8")]
+    for row in rep["rows"]:
+        per_text = {t["kind"]: t for t in row["texts"]}
+        assert list(per_text) == ["prose", "python"]
+        top1 = [t["top1"] for t in per_text.values()]
+        assert row["top1_worst"] == min(top1) and per_text[row["top1_worst_text"]]["top1"] == min(
+            top1)
+        assert row["top1_mean"] == pytest.approx(sum(top1) / 2)
+        assert 0.5 < row["top1_worst"] <= 1.0 and 1.9 < row["ratio"] < 2.0
+    # progress on stderr: each model, each text
+    for line in ("smollm2: loading", "smollm2: python (2/2)", "gemma3: prose (1/2)"):
+        assert line in r.stderr
+    table = md.read_text()
+    assert "## SmolLM2-135M-Instruct" in table and "## gemma-3-270m" in table
+    assert table.count("| int8 | 8.") == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.model
+def test_gemma3_engine_serves_a_prompt_longer_than_its_window_from_cached_kv(gemma):
+    """A prompt past Gemma 3's 512-token sliding window: stored KV has every token on every
+    layer, and the second request, read through it, continues exactly as the model does."""
+    import anyio
+
+    from kvctl.common import bench as b
+    from kvctl.server.app import create_app
+    from kvctl.server.config import ServerSettings
+    from kvctl.server.engine import CompletionRequest, Engine
+
+    lm, tok = gemma
+    prompt = b.SUITE["faq"].read_text(encoding="utf-8")[:3000]
+    ids = list(tok(prompt)["input_ids"])
+    assert len(ids) > 600
+    with torch.inference_mode():
+        own = lm.model.generate(torch.tensor([ids]), max_new_tokens=4, min_new_tokens=4,
+                                do_sample=False)[0, len(ids):].tolist()
+
+    async def run() -> tuple:
+        controller = create_app(ServerSettings(model="none"))
+        async with controller.router.lifespan_context(controller):
+            engine = Engine(lm, tok, controller.state.runtime, [lm.name])
+            req = CompletionRequest(prompt=prompt, max_tokens=4, temperature=0)
+            first = await anyio.to_thread.run_sync(engine.generate, req)
+            second = await anyio.to_thread.run_sync(engine.generate, req)
+            return first, second
+
+    first, second = anyio.run(run)
+    assert first.cached_tokens == 0 and second.cached_tokens > 512
+    assert first.text == second.text == tok.decode(own, skip_special_tokens=True)

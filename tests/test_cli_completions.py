@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,33 @@ def test_help_imports_nothing_heavy(argv):
                           cwd=ROOT, check=True)
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
     assert "Usage" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["compress", "Explain the significance of KV cache.", "--controller", "CLOSED"],
+    ["tokenize", "--tokenizer", "llama3", "Explain the significance of KV cache."],
+])
+def test_prompt_commands_import_no_model_code(argv):
+    """A prompt is tokenized with `tokenizers` on the cached tokenizer.json; neither
+    transformers nor torch loads, so a failing command fails at once."""
+    from kvctl.common.tokenizers import load_tokenizer
+    from tests.conftest import free_port
+
+    load_tokenizer("llama3"), load_tokenizer("smollm2")  # the converted files exist now
+    argv = [a.replace("CLOSED", f"http://127.0.0.1:{free_port()}") for a in argv]
+    code = ("import json, sys\n"
+            "from kvctl.cli import app\n"
+            f"try:\n    app({argv!r}, prog_name='kvctl')\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(json.dumps([code, sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'transformers', 'uvicorn', 'fastapi'})]), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    exit_code, heavy = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert heavy == []
+    assert exit_code == (1 if argv[0] == "compress" else 0)
+    if argv[0] == "compress":
+        assert "cannot reach the controller" in proc.stderr
 
 
 def test_python_m_kvctl_and_version():
@@ -71,3 +99,27 @@ def test_install_completion_bash(tmp_path):
     script = tmp_path / ".bash_completions" / "kvctl.sh"
     assert "_KVCTL_COMPLETE=complete_bash" in script.read_text()
     assert str(script) in (tmp_path / ".bashrc").read_text()
+
+
+def words(text: str) -> str:
+    """Help text without Rich's box and line folding."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
+
+
+def test_help_shows_defaults_and_no_type_noise():
+    serve = run_kvctl("serve", "--help")
+    assert serve.returncode == 0
+    for default in ("Controller port. [default: 9000]", "[default: 9001]",
+                    "[default: 8000]", "[default: smollm2]", "[default: 127.0.0.1]"):
+        assert default in words(serve.stdout), default
+    helps = [words(serve.stdout)] + [words(run_kvctl(*cmd, "--help").stdout) for cmd in (
+        [], ["compress"], ["move"], ["events", "watch"], ["events", "show"], ["config"])]
+    for text in helps:
+        assert "<bool>" not in text and "<str>" not in text and "[[" not in text
+    compress, move, watch = helps[2], helps[3], helps[4]
+    assert "[default: cachegen]" in compress and "[default: LocalCPUBackend]" in compress
+    assert "Usage: kvctl compress [OPTIONS] [PROMPT]" in compress
+    assert "Global options, before or after the command" in compress
+    assert "Exit codes: 0 done" in compress
+    assert "[default: the source instance]" in move
+    assert "Usage: kvctl events watch [OPTIONS] [ID...]" in watch

@@ -1,31 +1,26 @@
-"""ControllerClient: one method per endpoint against the real app; HTTP faults as KvctlError."""
+"""ControllerClient against real servers on loopback ports: one method per endpoint, HTTP
+faults as KvctlError, and what it says about a server that is not a controller."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from starlette.testclient import TestClient
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
 
-from kvctl.client import ControllerClient, ControllerError, UntrackedEvents
+from kvctl.client import ControllerError, NotAController, UntrackedEvents, classify, connect
 from kvctl.errors import KvctlError
 from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
+from kvctl.settings import Settings
+from tests.cliutil import INSTANCE, serve_app
 from tests.conftest import free_port
-
-INSTANCE = "lmcache_default_instance"
 
 
 @pytest.fixture
 def controller():
     app = create_app(ServerSettings(model="none"))
-    with TestClient(app) as http:
-        yield ControllerClient("http://testserver", 5, http=http), app.state.runtime
-
-
-def stub(handler) -> ControllerClient:
-    return ControllerClient("http://ctl:9000", 5,
-                            http=httpx.Client(transport=httpx.MockTransport(handler),
-                                              base_url="http://ctl:9000"))
+    with serve_app(app) as url, connect(Settings(controller=url, timeout=5)) as client:
+        yield client, app.state.runtime
 
 
 def test_endpoints_round_trip(controller):
@@ -41,60 +36,112 @@ def test_endpoints_round_trip(controller):
     assert client.check_finish(reply["event_id"]) == {"event_id": reply["event_id"],
                                                       "status": "finished"}
     assert client.event(reply["event_id"])["chunks_done"] == 1
+    short = reply["event_id"].removeprefix("compress-")[:8]
+    assert client.event(short)["event_id"] == reply["event_id"]
+    assert client.check_finish(short)["event_id"] == reply["event_id"]
     assert [e["event_id"] for e in client.events(status="finished")] == [reply["event_id"]]
     assert client.codecs()["default"] == "cachegen"
     assert list(client.health(INSTANCE)["error_codes"].values()) == [0]
     assert client.query_worker_info(INSTANCE)["worker_infos"][0]["instance_id"] == INSTANCE
+    assert client.peer().kind == "controller"
 
 
-def test_4xx_carries_the_detail(controller):
+def test_4xx_carries_the_detail_and_means_rejected(controller):
     client, _ = controller
     with pytest.raises(ControllerError) as info:
         client.compress("nope", "cachegen", "LocalCPUBackend", [1])
     assert info.value.status == 404 and "unknown instance_id 'nope'" in info.value.message
-    assert info.value.exit_code == 1
+    assert info.value.exit_code == 2
 
 
 def test_connection_refused():
     url = f"http://127.0.0.1:{free_port()}"
-    with ControllerClient(url, 5) as client, pytest.raises(KvctlError) as info:
+    with connect(Settings(controller=url, timeout=5)) as client, \
+            pytest.raises(KvctlError) as info:
         client.codecs()
     assert info.value.message.startswith(f"cannot reach the controller at {url}")
 
 
 def test_timeout_and_non_json():
-    def slow(req: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=req)
+    import asyncio
 
-    with pytest.raises(KvctlError, match="did not answer /codecs within 5 s"):
-        stub(slow).codecs()
-    with pytest.raises(KvctlError, match="not JSON"):
-        stub(lambda req: httpx.Response(200, text="<html>")).codecs()
+    app = FastAPI(title="kvctl controller")
+
+    @app.get("/codecs")
+    async def slow() -> dict:
+        await asyncio.sleep(3)
+        return {}
+
+    @app.post("/health")
+    async def html() -> HTMLResponse:
+        return HTMLResponse("<html>")
+
+    with serve_app(app) as url, connect(Settings(controller=url, timeout=0.3)) as client:
+        with pytest.raises(KvctlError, match=r"did not answer /codecs within 0\.3 s"):
+            client.codecs()
+        with pytest.raises(KvctlError, match="not JSON"):
+            client.health(INSTANCE)
 
 
 def test_upstream_lmcache_check_finish_500_is_explained():
-    def upstream(req: httpx.Request) -> httpx.Response:
-        if req.url.path == "/check_finish":
-            return httpx.Response(500, text="Internal Server Error")
-        return httpx.Response(404, json={"detail": "Not Found"})
+    from tests.test_cli import upstream_lmcache_app
 
-    with pytest.raises(UntrackedEvents, match="finishes each operation before it answers"):
-        stub(upstream).event("abc")
-    with pytest.raises(KvctlError, match="upstream LMCache's has no /codecs"):
-        stub(upstream).codecs()
+    with serve_app(upstream_lmcache_app()) as url, connect(Settings(controller=url)) as client:
+        with pytest.raises(UntrackedEvents, match="finishes each operation before it answers"):
+            client.event("abc")
+        with pytest.raises(KvctlError, match="upstream LMCache's has no /codecs"):
+            client.codecs()
+        assert client.peer().kind == "lmcache"
 
 
 def test_event_falls_back_to_check_finish():
-    def partial(req: httpx.Request) -> httpx.Response:
-        if req.url.path == "/check_finish":
-            return httpx.Response(200, json={"event_id": "abc", "status": "running"})
-        return httpx.Response(404, json={"detail": "Not Found"})
+    app = FastAPI()
 
-    assert stub(partial).event("abc") == {"event_id": "abc", "status": "running"}
+    @app.post("/check_finish")
+    async def check_finish() -> dict:
+        return {"event_id": "abc", "status": "running"}
+
+    with serve_app(app) as url, connect(Settings(controller=url)) as client:
+        assert client.event("abc") == {"event_id": "abc", "status": "running"}
 
 
-def test_injected_client_is_left_open():
-    http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})))
-    with ControllerClient("http://x", 1, http=http):
-        pass
-    assert not http.is_closed
+def test_not_a_controller_is_probed_once():
+    app = FastAPI(title="something")
+    probes = []
+
+    @app.middleware("http")
+    async def count(request, call_next):
+        if request.url.path == "/openapi.json":
+            probes.append(1)
+        return await call_next(request)
+
+    with serve_app(app) as url, connect(Settings(controller=url)) as client:
+        for _ in range(3):
+            with pytest.raises(NotAController, match="a server titled 'something'"):
+                client.lookup([1])
+    assert len(probes) == 1
+
+
+@pytest.mark.parametrize("spec,kind", [
+    ({"info": {"title": "kvctl controller"}, "paths": {}}, "controller"),
+    ({"info": {"title": "kvctl monitor"}, "paths": {}}, "monitor"),
+    ({"info": {"title": "vLLM"}, "paths": {"/v1/completions": {}, "/tokenize": {}}}, "engine"),
+    ({"info": {"title": "FastAPI"}, "paths": {"/lookup": {}, "/check_finish": {}}}, "lmcache"),
+    ({"info": {"title": "FastAPI"}, "paths": {"/items": {}}}, "unknown"),
+    (None, "unknown"),
+    ([1, 2], "unknown"),
+])
+def test_classify(spec, kind):
+    assert classify(spec).kind == kind
+
+
+def test_api_description_is_served_without_a_cdn_page():
+    """/docs would load Swagger UI from a CDN (blank offline): there is none; the OpenAPI
+    document is where the README points."""
+    import httpx
+
+    with serve_app(create_app(ServerSettings(model="none"))) as url:
+        assert httpx.get(f"{url}/docs").status_code == 404
+        assert httpx.get(f"{url}/redoc").status_code == 404
+        spec = httpx.get(f"{url}/openapi.json").json()
+    assert spec["info"]["title"] == "kvctl controller" and "/compress" in spec["paths"]

@@ -185,7 +185,7 @@ def test_cli_flow_against_real_serve(stack: Stack):
 
 def test_cli_errors_against_real_serve(stack: Stack):
     r = kvctl(stack, "compress", "--method", "zstd", "--tokens", "1,2,3")
-    assert r.returncode == 1
+    assert r.returncode == 2  # rejected: the controller answered 4xx
     assert "unknown method 'zstd'" in r.stderr and "cachegen" in r.stderr
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "kvctl", "events", "list", "--controller",

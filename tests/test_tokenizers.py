@@ -21,16 +21,56 @@ def llama3():
     return load_tokenizer("llama3")
 
 
+# Texts where tokenizers commonly disagree: leading spaces, special-token text, unicode,
+# whitespace runs, the empty prompt.
+TEXTS = [SEED_PROMPT, " leading space", "<|im_start|>user\nhi<|im_end|>",
+         "<|begin_of_text|>twice", "naïve café 日本語 🙂", "a\n\n  b\t c", "", "x" * 3000]
+
+
 def test_llama3_reproduces_the_seed_ids(llama3):
     assert encode_prompt(llama3, SEED_PROMPT) == SEED_IDS
 
 
 def test_llama3_special_tokens(llama3):
-    assert llama3.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>",
-                                         "<|reserved_special_token_245|>"]) == [
-        128000, 128001, 128009, 128255]
-    assert len(llama3) == 128256
+    assert [llama3.token_to_id(t) for t in ["<|begin_of_text|>", "<|end_of_text|>",
+                                            "<|eot_id|>", "<|reserved_special_token_245|>"]
+            ] == [128000, 128001, 128009, 128255]
+    assert llama3.vocab_size == 128256
     assert llama3.decode(SEED_IDS, skip_special_tokens=True) == SEED_PROMPT
+
+
+@pytest.mark.parametrize("name", ["llama3", "smollm2"])
+def test_same_ids_as_transformers(name):
+    """The fast path (tokenizers on a cached tokenizer.json) against transformers' own
+    tokenizer object for the same model."""
+    from transformers import PreTrainedTokenizerFast
+
+    from kvctl.common import tokenizers
+    from kvctl.common.model import load_tokenizer_for
+
+    if name == "llama3":
+        tokenizers.load_llama3()  # make sure the converted file exists
+        ref = PreTrainedTokenizerFast(tokenizer_file=str(tokenizers.llama3_cache_file()))
+    else:
+        ref = load_tokenizer_for("smollm2")  # what the engine encodes with
+    tok = load_tokenizer(name)
+    for text in TEXTS:
+        assert tok.encode(text) == list(ref(text, add_special_tokens=True)["input_ids"]), text
+
+
+def test_fast_path_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from kvctl.common.tokenizers import load_tokenizer\n"
+            "for name in ('llama3', 'smollm2'):\n"
+            "    load_tokenizer(name).encode('hello')\n"
+            "print('transformers' in sys.modules, 'torch' in sys.modules)\n")
+    load_tokenizer("llama3"), load_tokenizer("smollm2")  # the caches exist now
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.split() == ["False", "False"]
 
 
 def test_llama3_conversion_is_cached(llama3, tmp_path, monkeypatch):
@@ -39,9 +79,10 @@ def test_llama3_conversion_is_cached(llama3, tmp_path, monkeypatch):
     monkeypatch.setenv("KVCTL_CACHE_DIR", str(tmp_path))
     tok = tokenizers.load_llama3()
     [cached] = list((tmp_path / "tokenizers").glob("llama3-*/tokenizer.json"))
+    assert cached.stat().st_size > 1_000_000
+    assert not list(cached.parent.glob(".*.tmp"))  # atomic_write left no temporary file
     again = tokenizers.load_llama3()  # now read from the cached file
     assert encode_prompt(tok, SEED_PROMPT) == encode_prompt(again, SEED_PROMPT) == SEED_IDS
-    assert cached.stat().st_size > 1_000_000
 
 
 def test_smollm2_matches_the_engine(smollm2_tokenizer):
@@ -49,11 +90,28 @@ def test_smollm2_matches_the_engine(smollm2_tokenizer):
     assert encode_prompt(tok, SEED_PROMPT) == list(smollm2_tokenizer(SEED_PROMPT)["input_ids"])
 
 
-def test_tokenizer_json_and_directory(llama3, tmp_path):
-    llama3.save_pretrained(tmp_path / "tok")
-    assert encode_prompt(load_tokenizer(str(tmp_path / "tok")), SEED_PROMPT) == SEED_IDS
+def test_tokenizer_json_and_directory(llama3, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setenv("KVCTL_CACHE_DIR", str(tmp_path / "cache"))
+    hf = PreTrainedTokenizerFast(tokenizer_object=llama3.backend, bos_token="<|begin_of_text|>")
+    hf.save_pretrained(tmp_path / "tok")
     path = tmp_path / "tok" / "tokenizer.json"
     assert encode_prompt(load_tokenizer(str(path)), SEED_PROMPT) == SEED_IDS
+    assert encode_prompt(load_tokenizer(str(tmp_path / "tok")), SEED_PROMPT) == SEED_IDS
+    # a directory is converted once, then read from kvctl's cache
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("dir-*/tokenizer.json"))) == 1
+
+
+def test_bad_tokenizer_json_is_a_tokenizer_error(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{}")
+    with pytest.raises(TokenizerError, match=r"not a tokenizer\.json"):
+        load_tokenizer(str(bad))
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(TokenizerError, match=r"expected a \.gguf file"):
+        load_tokenizer(str(other))
 
 
 def test_unknown_hub_id_says_nothing_is_downloaded():

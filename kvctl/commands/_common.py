@@ -1,23 +1,21 @@
-"""Helpers the command modules share: settings, token input, following events."""
+"""Helpers the command modules share: token input, scheduling an operation, following it."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvctl import output
 from kvctl.client import ENDED, ControllerClient, UntrackedEvents
-from kvctl.errors import EXIT_INTERRUPTED, KvctlError, UsageError
-from kvctl.settings import Settings, resolve
+from kvctl.errors import EXIT_INTERRUPTED, KvctlError, Rejected, UsageError
+from kvctl.output import escape, short_id
+from kvctl.state import State
 
 POLL_SECONDS = 0.2
-
-
-def connect(s: Settings) -> ControllerClient:
-    return ControllerClient.from_settings(s)
 
 
 def parse_token_ids(text: str, source: str = "--tokens") -> list[int]:
@@ -58,48 +56,88 @@ def read_prompt(prompt: str) -> str:
     return prompt
 
 
-def tokenize(text: str, spec: str | None) -> list[int]:
-    """Token ids of ``text`` with the tokenizer ``spec`` (settings decide the default)."""
-    from kvctl.common.tokenizers import TokenizerError, encode_prompt, load_tokenizer
+def tokenize(st: State, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer the settings name."""
+    from kvctl.common.tokenizers import TokenizerError, load_tokenizer
 
-    spec = resolve(tokenizer=spec).tokenizer if spec is None else spec
+    spec = st.settings.tokenizer
     try:
-        with output.err().status(f"loading tokenizer {spec or 'smollm2'}…"):
+        with st.out.status(f"loading tokenizer {spec}…"):
             tok = load_tokenizer(spec)
     except TokenizerError as exc:
         raise KvctlError(str(exc)) from None
-    return encode_prompt(tok, text)
+    return tok.encode(text)
 
 
-def token_input(prompt: str | None, tokens: str | None, tokens_file: Path | None,
-                tokenizer: str | None) -> list[int]:
-    """The token ids a command acts on, from exactly one of its three sources."""
-    given = [n for n, v in (("PROMPT", prompt), ("--tokens", tokens),
-                            ("--tokens-file", tokens_file)) if v is not None]
-    if len(given) != 1:
-        raise UsageError("give the tokens one way: a PROMPT (or '-' for stdin), --tokens "
-                         "1,2,3, or --tokens-file FILE" +
-                         (f" (got {' and '.join(given)})" if given else ""))
-    if tokens is not None:
-        return parse_token_ids(tokens)
-    if tokens_file is not None:
-        if str(tokens_file) == "-":
-            return parse_token_ids(sys.stdin.read(), "stdin")
-        try:
-            text = tokens_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"--tokens-file: cannot read {tokens_file}: {exc.strerror}"
-                             ) from None
-        return parse_token_ids(text, str(tokens_file))
-    assert prompt is not None
-    text = read_prompt(prompt)
-    if not text:
-        raise UsageError("the prompt is empty")
-    return tokenize(text, tokenizer)
+@dataclass(frozen=True)
+class TokenInput:
+    """The three ways a command is given its tokens; exactly one must be used."""
+
+    prompt: str | None = None
+    tokens: str | None = None
+    tokens_file: Path | None = None
+
+    def ids(self, st: State) -> list[int]:
+        given = [n for n, v in (("PROMPT", self.prompt), ("--tokens", self.tokens),
+                                ("--tokens-file", self.tokens_file)) if v is not None]
+        if len(given) != 1:
+            raise UsageError("give the tokens one way: a PROMPT (or '-' for stdin), --tokens "
+                             "1,2,3, or --tokens-file FILE" +
+                             (f" (got {' and '.join(given)})" if given else ""))
+        if self.tokens is not None:
+            return parse_token_ids(self.tokens)
+        if self.tokens_file is not None:
+            if str(self.tokens_file) == "-":
+                return parse_token_ids(sys.stdin.read(), "stdin")
+            try:
+                text = self.tokens_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"--tokens-file: cannot read {self.tokens_file}: "
+                                 f"{exc.strerror}") from None
+            return parse_token_ids(text, str(self.tokens_file))
+        assert self.prompt is not None
+        text = read_prompt(self.prompt)
+        if not text:
+            raise UsageError("the prompt is empty")
+        return tokenize(st, text)
 
 
-def wait_for(client: ControllerClient, reply: dict[str, Any], progress: bool = True
-             ) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Operation:
+    """One token-driven operation to schedule: what it is called in messages, where the
+    stored KV must be, and the client call that schedules it."""
+
+    what: str
+    location: str
+    call: Callable[[ControllerClient, list[int]], dict[str, Any]]
+    wait: bool = False
+    # print the event's own warning (compress --force: chunks re-encoded by a lossy codec)
+    show_warning: bool = False
+
+
+def run_operation(st: State, op: Operation, ids: list[int]) -> None:
+    """Schedule ``op`` on ``ids``; nothing stored for them is a one-line rejection (exit 2).
+    """
+    with st.client() as client:
+        reply = op.call(client, ids)
+        n = reply.get("num_tokens")
+        if n == 0:
+            if st.out.json:
+                st.out.print_json(reply)
+            raise Rejected(f"nothing matched: none of the {len(ids)} tokens has stored KV in "
+                           f"{op.location} for {st.settings.instance_id}, so nothing was "
+                           f"scheduled (`kvctl lookup` shows where a prompt's KV is)")
+        if isinstance(n, int) and n < len(ids):
+            st.out.note(f"{n} of {len(ids)} tokens have stored KV in {op.location} (a stored "
+                        "prefix, chunk by chunk); scheduling those")
+        if op.show_warning:
+            warning = client.event(str(reply["event_id"])).get("warning")
+            if warning:
+                st.out.warn(str(warning))
+        finish_op(st, client, reply, op.wait, f"{op.what} of {len(ids)} tokens scheduled")
+
+
+def wait_for(st: State, client: ControllerClient, reply: dict[str, Any]) -> dict[str, Any]:
     """Poll an event until it ends; a progress bar on stderr meanwhile. Returns the event.
 
     A controller that does not track events (upstream LMCache) finished the work before it
@@ -114,24 +152,26 @@ def wait_for(client: ControllerClient, reply: dict[str, Any], progress: bool = T
     )
 
     event_id = str(reply["event_id"])
-    console = output.err()
+    console = st.out.err_console()
     # no terminal, no bar: a redirected stderr would only collect blank lines
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("chunks"), TimeElapsedColumn(), console=console,
-                   transient=True, disable=not (progress and console.is_terminal))
+                   transient=True, disable=not console.is_terminal)
     try:
         with bar:
-            task = bar.add_task(output.escape(f"{event_id} queued"), total=None)
+            task = bar.add_task(escape(f"{event_id} queued"), total=None)
             while True:
                 try:
                     ev = client.event(event_id)
-                except UntrackedEvents as exc:
-                    output.note(exc.message)
+                except UntrackedEvents:
+                    st.out.note(f"the controller at {client.base_url} does not track events "
+                                "(upstream LMCache's): it finished the operation before it "
+                                f"answered, so event {event_id} already ended")
                     return {"event_id": event_id, "status": "finished",
                             "num_tokens": reply.get("num_tokens"), "tracked": False}
                 total = ev.get("chunks_total")
                 bar.update(task, total=total or None, completed=ev.get("chunks_done", 0),
-                           description=output.escape(f"{event_id} {ev.get('status')}"))
+                           description=escape(f"{event_id} {ev.get('status')}"))
                 if ev.get("status") in ENDED:
                     return ev
                 time.sleep(POLL_SECONDS)
@@ -140,27 +180,25 @@ def wait_for(client: ControllerClient, reply: dict[str, Any], progress: bool = T
                          f"(kvctl events watch {event_id})", EXIT_INTERRUPTED) from None
 
 
-def report_event(ev: dict[str, Any], as_json: bool) -> None:
+def report_event(st: State, ev: dict[str, Any]) -> None:
     """Print an ended event; a failed one becomes exit 1 with its error."""
-    if as_json:
-        output.print_json(ev)
-    else:
-        output.out().print(output.event_details(ev))
+    from kvctl.output import event_details
+
+    st.out.result(ev, lambda: event_details(ev))
     if ev.get("status") != "finished":
         raise KvctlError(f"event {ev.get('event_id')} {ev.get('status')}: "
                          f"{ev.get('error') or 'no error given'}")
 
 
-def finish_op(client: ControllerClient, reply: dict[str, Any], wait: bool, as_json: bool,
+def finish_op(st: State, client: ControllerClient, reply: dict[str, Any], wait: bool,
               what: str) -> None:
     """Common tail of the mutating commands: print the reply, or follow the event."""
     if wait:
-        report_event(wait_for(client, reply), as_json)
+        report_event(st, wait_for(st, client, reply))
         return
-    if as_json:
-        output.print_json(reply)
-        return
-    output.out().print(f"{output.escape(what)}: event [bold]{output.escape(str(reply['event_id']))}"
-                       f"[/] ({reply.get('num_tokens', '?')} tokens)", soft_wrap=True)
-    if reply.get("num_tokens"):
-        output.note(f"follow it with: kvctl events watch {reply['event_id']}")
+    event_id = str(reply["event_id"])
+    st.out.result(reply, lambda: None)
+    if not st.out.json:
+        st.out.markup(f"{escape(what)}: event [bold]{escape(event_id)}[/] "
+                      f"({escape(str(reply.get('num_tokens', '?')))} tokens)")
+        st.out.note(f"follow it with: kvctl events watch {short_id(event_id)}")

@@ -6,17 +6,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+from kvctl.errors import EXIT_USAGE, KvctlError, UsageError
 
 if TYPE_CHECKING:
     from kvctl.common.bench import BenchReport, SuiteReport
 
 
-def _fail(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+def _fail(msg: str, code: int) -> NoReturn:
+    # the root command prints it, as for every other command (kvctl/cli.py)
+    raise UsageError(msg) if code == EXIT_USAGE else KvctlError(msg, code)
 
 
 def bench(
@@ -33,24 +35,28 @@ def bench(
                         "licence, FAQ, changelog, German, Russian, chat) on every embedded "
                         "model, and report each codec's mean and worst text.")] = False,
     model: Annotated[list[str] | None, typer.Option(
-        "--model", help="Model whose KV is benchmarked: smollm2 or gemma3 (embedded), a "
-                        "local directory or .gguf file. Repeatable with --suite. [default: "
-                        "smollm2; with --suite, both embedded models]")] = None,
+        "--model", metavar="MODEL", show_default=False,
+        help="Model whose KV is benchmarked: smollm2 or gemma3 (embedded), a local directory "
+             "or .gguf file. Repeatable with --suite. \\[default: smollm2; with --suite, "
+             "both embedded models]")] = None,
     texts: Annotated[int | None, typer.Option(
-        "--texts", min=1, help="With --suite: only the first N kinds of text (quicker). "
-                               "[default: all]")] = None,
-    kind: Annotated[list[str] | None, typer.Option(
-        "--kind", help="With --suite: only this kind of text (repeatable), e.g. german.")
+        "--texts", min=1, metavar="N", show_default=False,
+        help="With --suite: only the first N kinds of text (quicker). \\[default: all]")
     ] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", metavar="KIND", show_default=False,
+        help="With --suite: only this kind of text (repeatable), e.g. german.")] = None,
     codec: Annotated[list[str] | None, typer.Option(
-        "--codec", help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, "
-                        "int8, kivi-2, kivi-4, fp8 (default: all of them).")] = None,
+        "--codec", metavar="METHOD", show_default=False,
+        help="Method to run (repeatable), e.g. cachegen, cachegen-compact, raw, int8, kivi-2, "
+             "kivi-4, fp8. \\[default: all of them]")] = None,
     prefix: Annotated[int, typer.Option(help="Prefix tokens whose KV is compressed.")] = 512,
     continuation: Annotated[int, typer.Option(
         help="Tokens the model then reads through the decoded KV.")] = 256,
     chunk_size: Annotated[int, typer.Option(help="Tokens per encoded chunk.")] = 256,
     repeats: Annotated[int | None, typer.Option(
-        help="Timed runs per chunk (median). [default: 3; 1 with --suite, whose speed is "
+        metavar="N", show_default=False,
+        help="Timed runs per chunk (median). \\[default: 3; 1 with --suite, whose speed is "
              "the median over its texts]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
                        ] = False,
@@ -169,12 +175,12 @@ def _print_suite(report: SuiteReport) -> None:
         table = Table(title=f"{mod.name}: {len(report.texts)} texts, KV {mod.kv_shape}",
                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for i, h in enumerate(b.SUITE_SHORT_HEADERS):
-            table.add_column(h, justify="left" if i in (0, 7) else "right", no_wrap=True)
+            table.add_column(h, justify="left" if i in (0, 6) else "right", no_wrap=True)
         for row in b.suite_table_rows(report, mod.model):
-            table.add_row(*row)
+            table.add_row(row[0], *row[2:-1])
         console.print(table)
-    console.print(f"texts: {', '.join(report.texts)}. top-1/ppl Δ: mean over texts; worst/"
-                  f"max Δ: the worst text (named for top-1). Next {report.continuation} tokens "
+    console.print(f"texts: {', '.join(report.texts)}. top-1, ppl Δ: mean over texts; worst: "
+                  f"the worst text's top-1. Next {report.continuation} tokens "
                   f"read through the decoded {report.prefix}-token prefix vs the exact fp16 KV; "
                   f"enc/dec: MB/s on one thread, median over texts. "
                   f"{report.seconds / 60:.1f} min.")

@@ -1,4 +1,8 @@
-"""`kvctl events`: watch, list and show the controller's tracked events."""
+"""`kvctl events`: watch, list and show the controller's tracked events.
+
+Ids: the full id, or any unambiguous prefix of it or of its random part (the short id the
+tables show); the controller resolves prefixes.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
-from kvctl import output
-from kvctl.client import ENDED, ControllerClient, UntrackedEvents
-from kvctl.commands._common import POLL_SECONDS, connect
-from kvctl.errors import EXIT_INTERRUPTED, KvctlError, UsageError
-from kvctl.options import ControllerOpt, JsonOpt, TimeoutOpt
-from kvctl.settings import resolve
+from kvctl.client import ENDED, ControllerClient
+from kvctl.commands._common import POLL_SECONDS
+from kvctl.errors import EXIT_INTERRUPTED, GLOBAL_OPTIONS_HELP, KvctlError, UsageError
+from kvctl.output import event_details, events_table
+from kvctl.state import state
 
-app = typer.Typer(help="Follow compress/decompress/move/... events on the controller.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Follow compress/decompress/move/... events on the controller. "
+                       "An id can be shortened to any unambiguous prefix.",
+                  epilog=GLOBAL_OPTIONS_HELP, no_args_is_help=True)
 
 STATUSES = ("queued", "running", "finished", "failed")
 
@@ -27,41 +31,40 @@ def _initial(client: ControllerClient, ids: list[str], watch_all: bool) -> dict[
             if ev.get("status") not in ENDED:
                 events[ev["event_id"]] = ev
     for event_id in ids:
-        events[event_id] = client.event(event_id)
+        ev = client.event(event_id)  # a prefix comes back as the full id
+        events[str(ev.get("event_id", event_id))] = ev
     return events
 
 
 @app.command()
 def watch(
+    ctx: typer.Context,
     event_ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[ID]...", show_default=False, help="Events to follow.")] = None,
+        metavar="ID...", show_default=False, help="Events to follow (ids or prefixes).")
+    ] = None,
     watch_all: Annotated[bool, typer.Option(
         "--all", "-a", help="Also follow every event queued or running now.")] = False,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Draw the table on stderr; print the ended events as JSON.")] = False,
-    controller: ControllerOpt = None,
-    timeout: TimeoutOpt = None,
 ) -> None:
-    """Live table of events until every one has ended; Ctrl-C stops watching, not the jobs."""
+    """Live table of events until every one has ended; Ctrl-C stops watching, not the jobs.
+
+    With --json the table goes to stderr and the ended events to stdout as JSON. Exit 1 if
+    an event failed or cannot be followed (a controller that does not track events).
+    """
     from rich.live import Live
 
+    st = state(ctx)
     ids = list(dict.fromkeys(event_ids or []))
     if not ids and not watch_all:
         raise UsageError("name the events to watch (kvctl events watch ID ...) or pass --all")
-    with connect(resolve(controller, timeout)) as client:
-        try:
-            events = _initial(client, ids, watch_all)
-        except UntrackedEvents as exc:
-            output.note(exc.message)
-            return
+    with st.client() as client:
+        events = _initial(client, ids, watch_all)
         if not events:
-            output.note("no event is queued or running")
-            if as_json:
-                output.print_json([])
+            st.out.note("no event is queued or running")
+            st.out.result([], lambda: None)
             return
-        console = output.err() if as_json else output.out()
+        console = st.out.err_console() if st.out.json else st.out.out_console()
         try:
-            with Live(output.events_table(events.values()), console=console,
+            with Live(events_table(events.values()), console=console,
                       auto_refresh=False) as live:
                 while True:
                     pending = [i for i, ev in events.items() if ev.get("status") not in ENDED]
@@ -70,12 +73,11 @@ def watch(
                     time.sleep(POLL_SECONDS)
                     for event_id in pending:
                         events[event_id] = client.event(event_id)
-                    live.update(output.events_table(events.values()), refresh=True)
+                    live.update(events_table(events.values()), refresh=True)
         except KeyboardInterrupt:
             raise KvctlError("stopped watching; the events keep running on the controller",
                              EXIT_INTERRUPTED) from None
-    if as_json:
-        output.print_json(list(events.values()))
+    st.out.result(list(events.values()), lambda: None)
     failed = [ev for ev in events.values() if ev.get("status") == "failed"]
     if failed:
         raise KvctlError("; ".join(f"event {ev['event_id']} failed: {ev.get('error')}"
@@ -84,40 +86,31 @@ def watch(
 
 @app.command("list")
 def list_events(
+    ctx: typer.Context,
     status: Annotated[str | None, typer.Option(
-        "--status", "-s", show_default=False,
+        "--status", "-s", metavar="STATE", show_default=False,
         help=f"Only events in this state: {', '.join(STATUSES)}.")] = None,
     limit: Annotated[int | None, typer.Option(
-        "--limit", "-n", min=1, show_default=False, help="Only the N most recent.")] = None,
-    as_json: JsonOpt = False,
-    controller: ControllerOpt = None,
-    timeout: TimeoutOpt = None,
+        "--limit", "-n", min=1, metavar="N", show_default=False,
+        help="Only the N most recent.")] = None,
 ) -> None:
-    """List recent events, oldest first."""
+    """List recent events, oldest first, with short ids."""
     if status is not None and status not in STATUSES:
         raise UsageError(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
-    with connect(resolve(controller, timeout)) as client:
+    st = state(ctx)
+    with st.client() as client:
         events = client.events(status, limit)
-    if as_json:
-        output.print_json(events)
-        return
-    if not events:
-        output.out().print("no events" + (f" with status {status}" if status else ""))
-        return
-    output.out().print(output.events_table(events))
+    st.out.result(events, lambda: events_table(events) if events else
+                  "no events" + (f" with status {status}" if status else ""))
 
 
 @app.command()
 def show(
-    event_id: Annotated[str, typer.Argument(metavar="ID", help="Event id.")],
-    as_json: JsonOpt = False,
-    controller: ControllerOpt = None,
-    timeout: TimeoutOpt = None,
+    ctx: typer.Context,
+    event_id: Annotated[str, typer.Argument(metavar="ID", help="Event id or a prefix of it.")],
 ) -> None:
     """Show one event: state, chunk progress, bytes before and after, error, timestamps."""
-    with connect(resolve(controller, timeout)) as client:
+    st = state(ctx)
+    with st.client() as client:
         ev = client.event(event_id)
-    if as_json:
-        output.print_json(ev)
-    else:
-        output.out().print(output.event_details(ev))
+    st.out.result(ev, lambda: event_details(ev))

@@ -6,29 +6,30 @@ from typing import Annotated
 
 import typer
 
-from kvctl import output
 from kvctl.commands._common import read_prompt
 from kvctl.commands._common import tokenize as encode
 from kvctl.errors import UsageError
-from kvctl.options import JsonOpt, TokenizerOpt
-from kvctl.settings import resolve
+from kvctl.state import state
 
 
 def tokenize(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(
         metavar="PROMPT", help="Prompt text; '-' reads it from stdin.")],
-    tokenizer: TokenizerOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
-    """Tokenize a prompt locally (special tokens added, as vLLM's /tokenize does)."""
+    """Tokenize a prompt locally (special tokens added, as vLLM's /tokenize does).
+
+    Prints the ids comma-separated, ready for `--tokens`; the tokenizer is the global
+    --tokenizer setting (smollm2, the model kvctl serve runs, by default).
+    """
+    st = state(ctx)
     text = read_prompt(prompt)
     if not text:
         raise UsageError("the prompt is empty")
-    spec = tokenizer or resolve().tokenizer or "smollm2"
-    ids = encode(text, spec)
-    if as_json:
-        output.print_json({"count": len(ids), "tokens": ids, "tokenizer": spec})
-        return
+    ids = encode(st, text)
+    spec = st.settings.tokenizer
     # ids alone on stdout, so `--tokens "$(kvctl tokenize ...)"` works
-    output.out().print(",".join(map(str, ids)), soft_wrap=True)
-    output.note(f"{len(ids)} tokens ({spec})")
+    st.out.result({"count": len(ids), "tokens": ids, "tokenizer": spec},
+                  lambda: ",".join(map(str, ids)))
+    if not st.out.json:
+        st.out.note(f"{len(ids)} tokens ({spec})")

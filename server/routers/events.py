@@ -6,14 +6,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from kvctl.server.events import FAILED, FINISHED, QUEUED, RUNNING
+from kvctl.server.events import FAILED, FINISHED, QUEUED, RUNNING, AmbiguousEventId
 from kvctl.server.schemas import CheckFinishRequest, CheckFinishResponse, EventList, EventModel
 
 router = APIRouter(tags=["events"])
 
 
 def _get(request: Request, event_id: str) -> dict:
-    ev = request.app.state.runtime.events.get(event_id)
+    """The event an id or an unambiguous prefix of it names; 409 when several match."""
+    try:
+        ev = request.app.state.runtime.events.get(event_id)
+    except AmbiguousEventId as exc:
+        more = f" and {exc.count - len(exc.candidates)} more" if exc.count > len(
+            exc.candidates) else ""
+        raise HTTPException(409, f"event id prefix {exc.prefix!r} matches {exc.count} events "
+                                 f"({', '.join(exc.candidates)}{more}); give more "
+                                 "characters") from None
     if ev is None:
         raise HTTPException(404, f"unknown event_id {event_id!r} (events are kept in memory "
                                  "and forgotten when the server restarts)")

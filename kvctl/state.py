@@ -1,0 +1,44 @@
+"""One state per invocation: the global flags, the settings resolved from them once, and
+the output. The root callback (kvctl/cli.py) puts it in ``ctx.obj``; commands read it with
+`state(ctx)` and make their controller client from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import typer
+
+from kvctl.output import Output
+from kvctl.settings import Flags, Settings, resolve
+
+if TYPE_CHECKING:
+    from kvctl.client import ControllerClient
+
+
+@dataclass
+class State:
+    flags: Flags = field(default_factory=Flags)
+    out: Output = field(default_factory=Output)
+    _settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """Resolved on first use, so `--help` and a malformed config file do not mix, and
+        at most once per invocation."""
+        if self._settings is None:
+            self._settings = resolve(self.flags)
+        return self._settings
+
+    def client(self) -> ControllerClient:
+        from kvctl.client import connect
+
+        return connect(self.settings)
+
+
+def state(ctx: typer.Context) -> State:
+    """The invocation's state (the root callback always sets one)."""
+    obj = ctx.find_object(State)
+    if obj is None:  # a command invoked without the root, e.g. from another program
+        obj = ctx.ensure_object(State)
+    return obj
