@@ -43,7 +43,7 @@ from kvctl.codecs.errors import (
 )
 
 MAGIC = b"KVZ1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cachegen keys get one step per (layer, head)
 _PREFIX = struct.Struct("<4sBBH")
 _PAYLEN = struct.Struct("<Q")
 _CRC = struct.Struct("<I")

@@ -401,6 +401,12 @@ class Bank:
         return _tables_from_moments(s1, s2, count, float(self.center), self.logvar,
                                     self.offsets)
 
+    def max_symbols(self, n_words: int) -> int:
+        """The most symbols ``n_words`` 16-bit words can carry: every symbol costs at least
+        -log2(largest frequency / 4096) bits. Bounds what a decoder allocates for a stream."""
+        bits = -np.log2(float(self.freq.max()) / PROB_SCALE)
+        return int(16 * n_words / bits) + 64
+
     def encode(self, sym: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         if sym.size and int(sym.max()) >= self.alphabet:
             raise ValueError("symbol outside the alphabet")

@@ -39,6 +39,9 @@ class ControllerError(KvctlError):
     def __init__(self, status: int, path: str, detail: str) -> None:
         if status >= 500:
             msg = f"the controller failed on {path} (HTTP {status}): {detail}"
+        elif status == 429:
+            # busy, not wrong: the same command works again in a moment
+            msg = f"{detail} (HTTP 429 from {path}; nothing was queued)"
         else:
             msg = f"{detail} (HTTP {status} from {path})"
         # 4xx: the controller refused the request as given (an unknown instance, method,

@@ -35,6 +35,7 @@ ERROR_STATUS: dict[type[errors.DomainError], int] = {
     errors.ChecksumMismatch: 409,
     errors.Conflict: 409,
     errors.TooLarge: 413,
+    errors.Busy: 429,
     errors.WorkerUnavailable: 503,
     errors.StateUnavailable: 503,
     errors.StoreUnavailable: 503,
@@ -64,8 +65,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.DomainError)
     async def _domain_error(_: Request, exc: errors.DomainError) -> JSONResponse:
         # `kind` lets an HTTP transport raise the same error class on the other side
+        headers = ({"Retry-After": str(exc.retry_after_s)}
+                   if isinstance(exc, errors.Busy) else None)
         return JSONResponse({"detail": exc.detail, "kind": exc.kind},
-                            status_code=status_of(exc))
+                            status_code=status_of(exc), headers=headers)
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:

@@ -78,7 +78,10 @@ class ServerSettings(BaseModel):
     codec_threads: int = Field(1, ge=1, le=64, description="size of the codec worker pool")
     torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
     max_request_tokens: int = Field(1_000_000, ge=1)
-    max_events: int = Field(10_000, ge=10)
+    max_events: int = Field(10_000, ge=10, description="finished events kept in memory at "
+                            "most; the oldest go first")
+    max_queued_jobs: int = Field(256, ge=1, description="jobs waiting for a worker thread; "
+                                 "beyond it /compress, /decompress, /move ... answer 429")
     remote_key_prefix: str = Field("kvctl", min_length=1, max_length=200,
                                    description="prefix of every Redis key kvctl writes")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024,

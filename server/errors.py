@@ -68,6 +68,13 @@ class Conflict(DomainError):
     kind = "conflict"
 
 
+class Busy(DomainError):
+    """Too many jobs wait already (``max_queued_jobs``): nothing was queued; retry later."""
+
+    kind = "busy"
+    retry_after_s = 1
+
+
 class ChecksumMismatch(DomainError):
     """Bytes that arrived differ from the bytes that were sent."""
 
@@ -77,7 +84,7 @@ class ChecksumMismatch(DomainError):
 ERRORS_BY_KIND: dict[str, type[DomainError]] = {
     cls.kind: cls for cls in (BadRequest, UnknownInstance, UnknownLocation, UnknownMethod,
                               UnknownEvent, TooLarge, WorkerUnavailable, StateUnavailable,
-                              StoreUnavailable, ChecksumMismatch, Conflict)
+                              StoreUnavailable, ChecksumMismatch, Conflict, Busy)
 }
 
 

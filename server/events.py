@@ -46,10 +46,15 @@ def resolve_prefix(prefix: str, ids: Any) -> str | None:
 
 
 class EventTable:
-    """Thread-safe table of recent events; the oldest ended ones go first when full."""
+    """Thread-safe table of recent events.
 
-    def __init__(self, max_events: int) -> None:
+    Retention: an event that has not ended is always kept (the job queue bounds how many
+    there are). An ended one is dropped once it ended more than ``retention_s`` ago, and the
+    oldest ended ones go first whenever the table holds more than ``max_events``."""
+
+    def __init__(self, max_events: int, retention_s: float = 3600.0) -> None:
         self.max_events = max_events
+        self.retention_s = retention_s
         self._events: OrderedDict[str, Event] = OrderedDict()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -72,6 +77,17 @@ class EventTable:
         self.transitions[(op, status)] = self.transitions.get((op, status), 0) + 1
 
     def _trim(self) -> None:
+        cutoff = time.time() - self.retention_s
+        # Oldest first, and no further than the first event created after the cutoff: it
+        # cannot have ended before it, so a call costs the expired events, not the table.
+        expired = []
+        for eid, e in self._events.items():
+            if e.created_at >= cutoff:
+                break
+            if e.status in TERMINAL and (e.finished_at or 0.0) < cutoff:
+                expired.append(eid)
+        for eid in expired:
+            del self._events[eid]
         if len(self._events) <= self.max_events:
             return
         for eid in [e.event_id for e in self._events.values() if e.status in TERMINAL]:
@@ -111,6 +127,7 @@ class EventTable:
     def get(self, event_id: str) -> dict[str, Any] | None:
         """The event with this id, or with the one id this prefix names (see `_resolve`)."""
         with self._lock:
+            self._trim()
             full = self._resolve(event_id)
             ev = self._events.get(full) if full else None
             return ev.to_dict() if ev else None
@@ -125,6 +142,7 @@ class EventTable:
 
     def list(self, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         with self._lock:
+            self._trim()
             evs = [e.to_dict() for e in self._events.values() if status in (None, e.status)]
         return evs[-limit:] if limit else evs
 

@@ -28,6 +28,7 @@ from kvctl.server.chunks import ChunkRef, chunk_refs
 from kvctl.server.config import ServerSettings
 from kvctl.server.errors import (
     BadRequest,
+    Busy,
     ChecksumMismatch,
     Conflict,
     DomainError,
@@ -153,7 +154,10 @@ class WorkerRuntime:
         self.instance_id = settings.lmcache_instance_id
         self.worker_id = 0
         self.backends = backends if backends is not None else build_backends(settings)
-        self.events = EventTable(settings.max_events)
+        self.events = EventTable(settings.max_events, settings.event_retention_s)
+        # jobs accepted but not yet started, across both pools (bounded: max_queued_jobs)
+        self._queued = 0
+        self._queued_lock = threading.Lock()
         self.codec_times = CodecTimes({}, {})
         self.bytes_saved = 0
         self.started_at = time.time()
@@ -219,11 +223,20 @@ class WorkerRuntime:
     def _schedule(self, pool: ThreadPoolExecutor, op: str, instance_id: str, method: str | None,
                   location: str | None, refs: list[ChunkRef],
                   job: Callable[[Event, list[ChunkRef]], None], event_id: str | None) -> Event:
+        # Bounded: a client faster than the codecs gets 429 now, not an ever longer queue
+        # (and acknowledgements that wait behind it).
+        with self._queued_lock:
+            if self._queued >= self.settings.max_queued_jobs:
+                raise Busy(f"the worker is busy: {self._queued} jobs are waiting already; "
+                           f"retry in {Busy.retry_after_s} s (its limit is max_queued_jobs)")
+            self._queued += 1
         ev = self.events.create(op, instance_id, method, location,
                                 num_tokens=refs[-1].end if refs else 0, chunks_total=len(refs),
                                 event_id=event_id)
 
         def run() -> None:
+            with self._queued_lock:
+                self._queued -= 1
             self.events.start(ev)
             try:
                 job(ev, refs)

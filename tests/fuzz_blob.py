@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from kvctl.codecs.blob import FORMAT_VERSION  # seeds and mutations write the current format
+
 MEMORY_FACTOR = 10
 # Not input dependent: RSS pages, allocator arenas, and cachegen building its rANS tables
 # for every decode (about 0.5 MiB; the codec instance is rebuilt from each blob's header).
@@ -243,8 +245,8 @@ def structured_mutation(rng: random.Random, data: bytes) -> bytes:
     head = json.dumps(hdr, separators=(",", ":")).encode()
     if len(head) > 0xFFFF:
         return data
-    body = (_PREFIX.pack(b"KVZ1", 1, 0, len(head)) + head + struct.pack("<Q", len(payload))
-            + payload)
+    body = (_PREFIX.pack(b"KVZ1", FORMAT_VERSION, 0, len(head)) + head
+            + struct.pack("<Q", len(payload)) + payload)
     return bytes([rng.choice([1, 2])]) + body + b"\0\0\0\0"
 
 
@@ -283,7 +285,7 @@ def write_corpus(directory: Path) -> None:
     for depth in (40, 1500):  # json.loads recurses once per level
         head = (b'{"codec":"raw","params":' + b"[" * depth + b"]" * depth
                 + b',"shape":[1,2,1,1,1]}')
-        seeds[f"nested-{depth}"] = (_PREFIX.pack(b"KVZ1", 1, 0, len(head)) + head
+        seeds[f"nested-{depth}"] = (_PREFIX.pack(b"KVZ1", FORMAT_VERSION, 0, len(head)) + head
                                     + struct.pack("<Q", 4) + bytes(4) + bytes(4))
     for name, blob in seeds.items():
         (directory / name).write_bytes(b"\x01" + blob)

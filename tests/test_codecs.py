@@ -288,10 +288,36 @@ def test_property_round_trip(kv, method):
     assert torch.isfinite(out.float()).all()
     if method == "raw":
         assert torch.equal(out, kv)
-    elif kv.numel() and method in ("int8", "cachegen", "cachegen-compact"):
+    elif kv.numel() and method == "int8":
         # error per element bounded by the largest magnitude of its (token, head) vector
         vec_max = kv.float().abs().amax(dim=-1, keepdim=True)
         assert ((out.float() - kv.float()).abs() <= vec_max * 0.6 + 1e-2).all()
+    elif kv.numel() and method.startswith("cachegen"):
+        assert_cachegen_bound(out, kv, codec.cfg)
+
+
+def assert_cachegen_bound(out: torch.Tensor, kv: torch.Tensor, cfg) -> None:
+    """Half a step per element (2**(1/8): a step code's rounding), plus the output dtype's
+    rounding. Keys: step = key_step x the median over a head's channels of each channel's
+    spread over the body tokens, never finer than max |k| / 16384 (int16 symbols).
+    Values: step = value_step x the (token, head) vector's RMS."""
+    x, y = kv.float(), out.float()
+    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 0.0}[kv.dtype]
+    err = (y - x).abs()[:, :, 1:]
+    slack = 2.0 ** 0.125 * 1.001
+    body = x[:, :, 1:]
+    if body.shape[2] == 0:
+        assert torch.equal(out, kv.to(out.dtype)) or torch.allclose(y, x)
+        return
+    keys, vals = body[:, 0], body[:, 1]
+    spread = keys.std(dim=1, correction=0, keepdim=True).median(dim=-1, keepdim=True).values
+    floor = keys.abs().amax(dim=(1, 3), keepdim=True) / 16384 * 2.0 ** 0.25
+    kstep = torch.maximum(cfg.key_step * spread * slack, floor)
+    vstep = cfg.value_step * vals.square().mean(dim=-1, keepdim=True).sqrt() * slack
+    tol = u * body.abs() * 2 + 1e-3
+    assert (err[:, 0] <= 0.5 * kstep + tol[:, 0]).all()
+    assert (err[:, 1] <= 0.5 * vstep + tol[:, 1]).all()
+    assert torch.equal(y[:, :, :1], x[:, :, :1].half().float()) or kv.dtype == torch.bfloat16
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -346,3 +372,47 @@ def test_quiet_vector_among_loud_neighbours_keeps_its_error_bound(method):
     vec_max = kv.float().abs().amax(dim=-1, keepdim=True)
     assert ((out - kv.float()).abs() <= vec_max * 0.6 + 1e-2).all()
     assert abs(out[0, 1, 3, 0, 0].item() - 0.25) < 0.1
+
+
+@pytest.mark.parametrize("tokens", [10 ** 6, 10 ** 8])
+def test_a_header_claiming_more_tokens_than_the_payload_holds_allocates_nothing(tokens):
+    # a valid checksum over a forged shape: the decoder must refuse before allocating the
+    # claimed [L, 2, T, H, D] (here up to 2.4e10 elements), from the payload size alone
+    kv = make_kv((2, 2, 40, 2, 16))
+    info, payload = __import__("kvctl.codecs.blob", fromlist=["unpack"]).unpack(
+        get_codec("cachegen").encode(kv))
+    forged = pack("cachegen", info.params, (2, 2, tokens, 2, 16), "float16", bytes(payload))
+    # refused by the header's bounds (elements in all, elements per payload byte) or, past
+    # them, by cachegen's own symbol count
+    with pytest.raises(CorruptBlobError, match=r"any blob may hold|payload"):
+        decode_blob(forged)
+
+
+def test_cachegen_constant_and_huge_key_channels():
+    # a key channel that never changes, one at fp16's edge and one tiny: steps stay within
+    # int16 symbols and every element within half its step
+    kv = make_kv((2, 2, 64, 2, 32), seed=11).float()
+    kv[:, 0, :, 0, 3] = 217.5
+    kv[:, 0, :, 1, 5] = 60000.0
+    kv[:, 0, 1:, 1, 6] = torch.linspace(-1e-3, 1e-3, 63)
+    kv = kv.half()
+    out = decode_blob(get_codec("cachegen").encode(kv))
+    assert torch.isfinite(out.float()).all()
+    assert_cachegen_bound(out, kv, get_codec("cachegen").cfg)
+
+
+def test_deflated_side_information_cannot_inflate_past_the_shape():
+    import zlib
+
+    from kvctl.codecs.blob import unpack
+
+    kv = make_kv((2, 2, 40, 2, 16))
+    info, payload = unpack(get_codec("cachegen").encode(kv))
+    payload = bytes(payload)
+    first = 2 * 2 * 2 * 16 * 2  # the exact fp16 first token
+    (n,) = struct.unpack_from("<I", payload, first)
+    rest = payload[first + 4 + n:]
+    for side in (zlib.compress(b"\0" * 10 ** 7), b"not deflate"):
+        forged = payload[:first] + struct.pack("<I", len(side)) + side + rest
+        with pytest.raises(CorruptBlobError, match="side information"):
+            decode_blob(pack("cachegen", info.params, info.shape, info.dtype, forged))

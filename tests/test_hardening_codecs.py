@@ -27,7 +27,7 @@ from kvctl.codecs import (
     peek_blob,
 )
 from kvctl.codecs import blob as blobmod
-from kvctl.codecs.blob import pack, unpack
+from kvctl.codecs.blob import FORMAT_VERSION, pack, unpack
 from kvctl.codecs.rans import Bank
 
 METHODS = available_methods()
@@ -35,7 +35,7 @@ METHODS = available_methods()
 
 def forge(header: bytes, payload: bytes) -> bytes:
     """A blob with an arbitrary header and a correct checksum (what an attacker can write)."""
-    head = struct.pack("<4sBBH", b"KVZ1", 1, 0, len(header)) + header
+    head = struct.pack("<4sBBH", b"KVZ1", FORMAT_VERSION, 0, len(header)) + header
     body = head + struct.pack("<Q", len(payload)) + payload
     return body + struct.pack("<I", zlib.crc32(body))
 

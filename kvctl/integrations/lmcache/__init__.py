@@ -7,8 +7,6 @@ it: ``plugin`` (what the server loads: registers the ``kvctl-*`` serde types and
 """
 
 from kvctl.integrations.lmcache.layout import (
-    MODEL_PROFILES,
-    profile_for_model,
     to_kvctl,
     to_lmcache,
 )
@@ -25,10 +23,8 @@ def register_serdes() -> list[str]:
 
 
 __all__ = [
-    "MODEL_PROFILES",
     "PLUGIN_MODULE",
     "TESTED_LMCACHE",
-    "profile_for_model",
     "register_serdes",
     "to_kvctl",
     "to_lmcache",

@@ -1,4 +1,4 @@
-"""LMCache's chunk layout and kvctl's, and the sensitivity profile a model name selects.
+"""LMCache's chunk layout and kvctl's.
 
 LMCache (multiprocess server, 0.5.x) hands a serializer one chunk shaped
 ``[2, num_layers, chunk_tokens, num_kv_heads_per_rank * head_dim]`` (K at 0, V at 1; MLA
@@ -9,38 +9,12 @@ No LMCache import here: the benchmark and ``kvctl inspect`` use this module with
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
-
-from kvctl.codecs.profiles import SMOLLM2_135M
 
 if TYPE_CHECKING:
     import torch
 
 KV_DTYPES = ("float16", "bfloat16", "float32")
-
-# Profiles by model name (LMCache's ObjectKey.model_name), not by KV shape: with tensor
-# parallelism each rank sees fewer heads, so the shape no longer names the model.
-MODEL_PROFILES: dict[str, tuple[tuple[float, float], ...]] = {
-    "smollm2-135m": SMOLLM2_135M,
-}
-_NAME_RE = {name: re.compile(re.escape(name) + r"(?![0-9])") for name in MODEL_PROFILES}
-
-
-def profile_for_model(model_name: str | None) -> tuple[str, tuple[tuple[float, float], ...]] | None:
-    """The (profile name, per-layer (key, value) multipliers) a model name selects, if any.
-
-    Matches on the lower-cased name so ``HuggingFaceTB/SmolLM2-135M-Instruct`` and a local
-    path ending in ``smollm2-135m`` both find the profile; ``smollm2-1350m`` does not.
-    """
-    if not model_name:
-        return None
-    low = model_name.lower()
-    for name, rx in _NAME_RE.items():
-        if rx.search(low):
-            return name, MODEL_PROFILES[name]
-    return None
-
 
 def codec_layout_ok(shape: tuple[int, ...], dtype_name: str, head_dim: int) -> bool:
     """Whether a chunk of this LMCache shape and dtype maps onto kvctl's codec layout."""

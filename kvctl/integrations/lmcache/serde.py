@@ -42,7 +42,6 @@ from kvctl.codecs import (
     peek_blob,
 )
 from kvctl.codecs.base import dtype_name, torch_dtype
-from kvctl.codecs.cachegen import CacheGenCodec
 from kvctl.codecs.errors import CorruptBlobError, TruncatedBlobError
 from kvctl.integrations.lmcache.frame import (
     chunk_extent,
@@ -54,7 +53,6 @@ from kvctl.integrations.lmcache.frame import (
 from kvctl.integrations.lmcache.layout import (
     codec_layout_ok,
     kvctl_shape,
-    profile_for_model,
     to_kvctl,
     to_lmcache,
 )
@@ -70,26 +68,6 @@ VARIABLE_SIZE = frozenset({"cachegen"})
 FALLBACK_METHOD = "int8"
 SERDE_OPTIONS = ("head_dim", "max_workers", "warmup")
 MAX_WORKERS = 64
-
-
-class ProfiledCacheGen(CacheGenCodec):
-    """CacheGen with the per-layer sensitivity profile of a named model.
-
-    The stock codec looks its profile up by KV shape, which tensor parallelism changes;
-    this one is handed the profile the model name selected. The steps travel in each
-    blob, so its blobs decode with the plain ``cachegen`` codec (same name, same params).
-    """
-
-    def __init__(self, level: str, multipliers: tuple[tuple[float, float], ...]) -> None:
-        super().__init__(level)
-        self._multipliers = multipliers
-
-    def _layer_steps(self, shape: tuple[int, ...], device: Any) -> torch.Tensor:
-        layers = shape[0]
-        if len(self._multipliers) != layers:  # a pipeline stage holds only some layers
-            return super()._layer_steps(shape, device)
-        mult = torch.tensor(self._multipliers, dtype=torch.float32, device=device)
-        return (mult * self.cfg.step).view(layers, 2, 1, 1, 1)
 
 
 def _groups(shapes: list[torch.Size], dtypes: list[torch.dtype]
@@ -114,7 +92,6 @@ class KvctlSerializer(Serializer):
         self.codec: BaseCodec = codec_for_method(method)
         self.fallback: BaseCodec | None = (
             codec_for_method(FALLBACK_METHOD) if self.codec.name in VARIABLE_SIZE else None)
-        self._profiled: dict[str, BaseCodec] = {}
         self._sizes: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
 
@@ -144,18 +121,10 @@ class KvctlSerializer(Serializer):
 
     # ---------------------------------------------------------------- serialize ----
     def codec_for(self, key: ObjectKey | None) -> BaseCodec:
-        """The codec for a chunk of this key's model (a profiled cachegen when known)."""
-        if not isinstance(self.codec, CacheGenCodec):
-            return self.codec
-        found = profile_for_model(getattr(key, "model_name", None))
-        if found is None:
-            return self.codec
-        name, mult = found
-        with self._lock:
-            codec = self._profiled.get(name)
-            if codec is None:
-                codec = self._profiled[name] = ProfiledCacheGen(self.codec.level, mult)
-        return codec
+        """The codec for a chunk of this key's model. cachegen needs no per-model profile
+        (its steps follow statistics of each (layer, head) of the chunk), so a tensor- or
+        pipeline-parallel rank's shard is quantized exactly as in the full chunk."""
+        return self.codec
 
     def encode_chunk(self, chunk: torch.Tensor, key: ObjectKey | None = None,
                      capacity: int | None = None) -> bytes:
@@ -283,7 +252,6 @@ __all__ = [
     "SERDE_PREFIX",
     "KvctlDeserializer",
     "KvctlSerializer",
-    "ProfiledCacheGen",
     "make_serde",
     "register_serdes",
     "warm_up",
