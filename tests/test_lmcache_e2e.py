@@ -131,6 +131,19 @@ def bench(server: Server) -> str:
     return output
 
 
+def bench_until_warm(server: Server) -> list[str]:
+    """Bench runs until one prints a warm checksum (three at most). The bench looks its keys up
+    again right after the cold request; on a loaded machine that lookup can come before the
+    server has committed them, and then the warm request retrieves nothing and prints no
+    checksum. A repeat finds the keys (same ids) and retrieves them."""
+    outputs: list[str] = []
+    for _ in range(3):
+        outputs.append(bench(server))
+        if re.search(r"\[seq 0/warm\] CHECKSUM", outputs[-1]):
+            break
+    return outputs
+
+
 def checksum(output: str, kind: str) -> str:
     m = re.search(rf"\[seq 0/{kind}\] CHECKSUM: ([0-9a-f]{{16}})", output)
     assert m, f"no {kind} checksum in the bench output:\n{output[-3000:]}"
@@ -178,9 +191,9 @@ def test_store_clear_and_retrieve_from_l2_through_kvctl_serde(server):
     exact, lossy = server_digest(layers, 2), server_digest(decoded, 2)
     assert exact != lossy
 
-    first = bench(server)
-    assert checksum(first, "cold") == exact  # stored, then warm-retrieved from L1
-    assert checksum(first, "warm") == exact
+    first = bench_until_warm(server)
+    assert checksum(first[0], "cold") == exact  # stored, then warm-retrieved from L1
+    assert checksum(first[-1], "warm") == exact
 
     deadline = time.monotonic() + RUN_S
     while len(list(server.l2.glob("*.kvc"))) < 2 and time.monotonic() < deadline:
@@ -194,8 +207,8 @@ def test_store_clear_and_retrieve_from_l2_through_kvctl_serde(server):
 
     run("kvcache", "clear", "--url", server.http)
 
-    second = bench(server)
-    assert "[seq 0/cold] LOOKUP: 2/2 chunks hit" in second
-    assert "[seq 0/cold] RETRIEVE: retrieved (512 tokens" in second
-    assert checksum(second, "warm") == lossy  # what L2 held, decoded by the kvctl serde
+    second = bench_until_warm(server)
+    assert "[seq 0/cold] LOOKUP: 2/2 chunks hit" in second[0]
+    assert "[seq 0/cold] RETRIEVE: retrieved (512 tokens" in second[0]
+    assert checksum(second[-1], "warm") == lossy  # what L2 held, decoded by the kvctl serde
     assert re.search(r"2/2 retained keys \(0 L1, 2 L2\)[^\n]*req-0-cold", server.log_text())
