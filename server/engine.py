@@ -287,7 +287,8 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
             text_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kvctl engine", lifespan=lifespan,
-                  description="OpenAI-compatible completions over the embedded model.")
+                  description="OpenAI-compatible completions over the embedded model.",
+                  docs_url=None, redoc_url=None)  # Swagger UI needs a CDN; /openapi.json stays
     app.state.ready = ready
     install_guards(app, runtime.settings)
 

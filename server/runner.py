@@ -30,7 +30,7 @@ def create_monitor_app(controller_app: FastAPI) -> FastAPI:
 
     It serves the controller app's controller: events, workers, health, metrics.
     """
-    app = FastAPI(title="kvctl monitor")
+    app = FastAPI(title="kvctl monitor", docs_url=None, redoc_url=None)
     app.state.parent = controller_app
     install_guards(app, controller_app.state.settings)
     app.include_router(events.router)

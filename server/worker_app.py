@@ -80,7 +80,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     from kvctl.server.app import install_error_handlers
     from kvctl.server.limits import install_guards
 
-    app = FastAPI(title="kvctl worker", version=__version__)
+    app = FastAPI(title="kvctl worker", version=__version__, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.include_router(router)
     install_error_handlers(app)

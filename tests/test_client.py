@@ -145,3 +145,19 @@ def test_api_description_is_served_without_a_cdn_page():
         assert httpx.get(f"{url}/redoc").status_code == 404
         spec = httpx.get(f"{url}/openapi.json").json()
     assert spec["info"]["title"] == "kvctl controller" and "/compress" in spec["paths"]
+
+
+def test_no_app_serves_a_cdn_docs_page():
+    """The monitor, worker and engine apps have no /docs either (their JSON schema stays)."""
+    from kvctl.server.engine import create_engine_app
+    from kvctl.server.runner import create_monitor_app
+    from kvctl.server.worker import WorkerRuntime
+    from kvctl.server.worker_app import create_worker_app
+
+    runtime = WorkerRuntime(ServerSettings(model="none"))
+    apps = [create_monitor_app(create_app(ServerSettings(model="none"))),
+            create_worker_app(runtime), create_engine_app(runtime, model_spec="none")]
+    for app in apps:
+        paths = {getattr(r, "path", None) for r in app.routes}
+        assert "/docs" not in paths and "/redoc" not in paths, app.title
+        assert "/openapi.json" in paths, app.title
