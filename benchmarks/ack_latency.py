@@ -122,8 +122,13 @@ async def keep_codecs_busy(ctl: str, prompts: dict[str, list[list[int]]], stop: 
         async def cycle(iid: str) -> None:
             op = "compress"
             while not stop.is_set():
-                eid = (await c.post(f"{ctl}/{op}", json=body(iid, prompts[iid][0]))
-                       ).json()["event_id"]
+                r = await c.post(f"{ctl}/{op}", json=body(iid, prompts[iid][0]))
+                if r.status_code == 429:  # the worker's queue is full: back off, as told
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                    continue
+                if r.status_code != 200:
+                    raise SystemExit(f"{op} on {iid}: HTTP {r.status_code} {r.text[:300]}")
+                eid = r.json()["event_id"]
                 while True:
                     ev = (await c.get(f"{ctl}/events/{eid}")).json()
                     if ev["status"] in ("finished", "failed"):
