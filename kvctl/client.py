@@ -151,7 +151,14 @@ class ControllerClient:
                 params: dict[str, Any] | None = None) -> Any:
         """Send one request; return the decoded JSON body or raise a KvctlError."""
         try:
-            r = self.http.request(method, path, json=body, params=params)
+            try:
+                r = self.http.request(method, path, json=body, params=params)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A kept-alive connection that the server closed (uvicorn does after a 500)
+                # can fail on reuse; a GET is safe to send once more, on a fresh connection.
+                if method != "GET":
+                    raise
+                r = self.http.request(method, path, json=body, params=params)
         except httpx.ConnectError:
             raise KvctlError(start_hint(self.base_url)) from None
         except httpx.TimeoutException:

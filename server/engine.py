@@ -399,8 +399,11 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
             return None
         except asyncio.CancelledError:
             # uvicorn cancels requests still running when its graceful-shutdown window ends;
-            # stop the generation and answer, rather than leave a traceback in the log.
+            # stop the generation and answer, rather than leave a traceback in the log. Nobody
+            # awaits the generation any more: consume its ending (Cancelled) when it comes, or
+            # asyncio logs "Future exception was never retrieved" with a traceback.
             cancel.set()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise HTTPException(503, SHUTTING_DOWN) from None
 
     return app
