@@ -29,7 +29,7 @@ from kvctl.server.storage.base import (
     codec_label,
     label_for,
 )
-from kvctl.server.storage.lru import IndexEntry, LruIndex
+from kvctl.server.storage.lru import IndexedTier, IndexEntry, LruIndex
 
 log = logging.getLogger("kvctl.server")
 
@@ -56,7 +56,7 @@ def _file_label(path: Path) -> str | None:
         return None
 
 
-class LocalDiskBackend(StorageBackend):
+class LocalDiskBackend(IndexedTier, StorageBackend):
     name = "LocalDiskBackend"
 
     def __init__(self, root: Path, capacity_bytes: int) -> None:
@@ -261,20 +261,6 @@ class LocalDiskBackend(StorageBackend):
         if changed:
             self._persist_pins()
         return tokens
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._index.entries)
-
-    def num_tokens(self, key: str) -> int:
-        with self._lock:
-            e = self._index.get(key)
-            return e.num_tokens if e else 0
-
-    def codec_of(self, key: str) -> str | None:
-        with self._lock:
-            e = self._index.get(key)
-            return e.codec if e else None
 
     def stats(self) -> BackendStats:
         with self._lock:

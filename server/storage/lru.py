@@ -8,6 +8,7 @@ index decides (dropping a blob from memory, unlinking a file).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -110,3 +111,25 @@ class LruIndex:
             pinned += e.pinned
         return BackendStats(len(self.entries), self.bytes, self.capacity, pinned, by_codec,
                             self.evictions)
+
+
+class IndexedTier:
+    """Lookups of a tier that keeps its chunks in one `LruIndex` under one lock (memory and
+    disk): the index is the only record of what the tier holds."""
+
+    _index: LruIndex
+    _lock: threading.Lock
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._index.entries)
+
+    def num_tokens(self, key: str) -> int:
+        with self._lock:
+            e = self._index.get(key)
+            return e.num_tokens if e else 0
+
+    def codec_of(self, key: str) -> str | None:
+        with self._lock:
+            e = self._index.get(key)
+            return e.codec if e else None

@@ -6,10 +6,10 @@ import threading
 from collections.abc import Sequence
 
 from kvctl.server.storage.base import BackendStats, StorageBackend, codec_label
-from kvctl.server.storage.lru import LruIndex
+from kvctl.server.storage.lru import IndexedTier, LruIndex
 
 
-class LocalCPUBackend(StorageBackend):
+class LocalCPUBackend(IndexedTier, StorageBackend):
     name = "LocalCPUBackend"
 
     def __init__(self, capacity_bytes: int) -> None:
@@ -53,20 +53,6 @@ class LocalCPUBackend(StorageBackend):
                 return 0
             del self._blobs[key]
             return e.num_tokens
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._index.entries)
-
-    def num_tokens(self, key: str) -> int:
-        with self._lock:
-            e = self._index.get(key)
-            return e.num_tokens if e else 0
-
-    def codec_of(self, key: str) -> str | None:
-        with self._lock:
-            e = self._index.get(key)
-            return e.codec if e else None
 
     def set_pinned_many(self, keys: Sequence[str], pinned: bool) -> int:
         with self._lock:
