@@ -56,14 +56,9 @@ def main() -> int:
         "kvctl tokenize PROMPT (smollm2)": ["tokenize", PROMPT],
         "kvctl compress PROMPT (controller down)": ["compress", PROMPT, "--controller", dead],
     }
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from kvctl.common.bench import cpu_name
+
+    cpu = cpu_name()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in
                          ("typer", "click", "rich", "httpx", "tokenizers", "transformers"))
     print(f"Machine: {cpu}, Python {platform.python_version()}; {versions}\n")
