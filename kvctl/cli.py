@@ -218,7 +218,7 @@ def root(
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", "-t", metavar="TOKENIZER", show_default=False,
         rich_help_panel="Global options",
-        help="Tokenizer for PROMPT arguments: smollm2 | llama3 | a .gguf file | a "
+        help="Tokenizer for PROMPT arguments: smollm2 | gemma3 | llama3 | a .gguf file | a "
              "tokenizer.json | a directory | a hub id in the local cache. \\[env "
              f"KVCTL_TOKENIZER; default {DEFAULT_TOKENIZER}, the model kvctl serve runs]")
     ] = None,

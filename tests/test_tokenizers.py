@@ -39,7 +39,7 @@ def test_llama3_special_tokens(llama3):
     assert llama3.decode(SEED_IDS, skip_special_tokens=True) == SEED_PROMPT
 
 
-@pytest.mark.parametrize("name", ["llama3", "smollm2"])
+@pytest.mark.parametrize("name", ["llama3", "smollm2", "gemma3"])
 def test_same_ids_as_transformers(name):
     """The fast path (tokenizers on a cached tokenizer.json) against transformers' own
     tokenizer object for the same model."""
@@ -52,7 +52,7 @@ def test_same_ids_as_transformers(name):
         tokenizers.load_llama3()  # make sure the converted file exists
         ref = PreTrainedTokenizerFast(tokenizer_file=str(tokenizers.llama3_cache_file()))
     else:
-        ref = load_tokenizer_for("smollm2")  # what the engine encodes with
+        ref = load_tokenizer_for(name)  # what the engine encodes with
     tok = load_tokenizer(name)
     for text in TEXTS:
         assert tok.encode(text) == list(ref(text, add_special_tokens=True)["input_ids"]), text

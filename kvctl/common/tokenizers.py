@@ -21,7 +21,7 @@ from typing import Any
 
 from kvctl.common.paths import atomic_write, cache_root, file_tag
 
-BUILTIN_TOKENIZERS = ("smollm2", "llama3")
+BUILTIN_TOKENIZERS = ("smollm2", "gemma3", "llama3")  # the embedded models' and Llama 3's
 DEFAULT_TOKENIZER = "smollm2"  # the model `kvctl serve` runs
 
 LLAMA3_BOS = "<|begin_of_text|>"
@@ -190,9 +190,10 @@ def _via_transformers(source: str, name: str, cached: Path | None) -> Tokenizer:
 def load_tokenizer(spec: str | None = None) -> Tokenizer:
     """Resolve ``spec`` to a tokenizer, offline (memoized per process).
 
-    ``smollm2`` / ``llama3`` (built-ins), a ``.gguf`` file, a ``tokenizer.json`` file, a
-    local directory, or a hub id already in the local HuggingFace cache. ``None`` means
-    the default, the tokenizer of the model ``kvctl serve`` runs.
+    ``smollm2`` / ``gemma3`` / ``llama3`` (built-ins), a ``.gguf`` file, a
+    ``tokenizer.json`` file, a local directory, or a hub id already in the local
+    HuggingFace cache. ``None`` means the default, the tokenizer of the model ``kvctl
+    serve`` runs.
     """
     return _load_tokenizer(spec or DEFAULT_TOKENIZER)
 
@@ -201,11 +202,11 @@ def load_tokenizer(spec: str | None = None) -> Tokenizer:
 def _load_tokenizer(spec: str) -> Tokenizer:
     if spec == "llama3":
         return load_llama3()
-    if spec == "smollm2":
-        from kvctl.common.model import ModelNotFoundError, smollm2_gguf_path
+    if spec in BUILTIN_TOKENIZERS:  # an embedded model's: the one inside its GGUF
+        from kvctl.common.model import BUILTINS, ModelNotFoundError
 
         try:
-            return load_gguf(smollm2_gguf_path(), "smollm2")
+            return load_gguf(BUILTINS[spec].gguf(), spec)
         except ModelNotFoundError as exc:
             raise TokenizerError(str(exc)) from None
     path = Path(spec).expanduser()
