@@ -218,12 +218,12 @@ def main() -> None:
                 wait_ready(eng + "/health", procs)
             prompts = fill(engines)
             load_before = loadavg()
-            cpu0, ctl0 = cpu_seconds(), cpu_seconds(procs[0].pid)
+            cpu0, srv0 = cpu_seconds(), [cpu_seconds(p.pid) for p in procs]
             t0 = time.monotonic()
             result = asyncio.run(measure(ctl, prompts, args.clients, args.seconds, args.pause,
                                          args.seed))
             wall = time.monotonic() - t0
-            cpu1, ctl1 = cpu_seconds(), cpu_seconds(procs[0].pid)
+            cpu1, srv1 = cpu_seconds(), [cpu_seconds(p.pid) for p in procs]
             load_after = loadavg()
         finally:
             stop(procs)
@@ -232,7 +232,10 @@ def main() -> None:
               "mean_pause_s": args.pause, **result,
               # what the measurement cost: a client process near 100% would measure itself
               "client_cpu_pct": round((cpu1 - cpu0) / wall * 100, 1),
-              "controller_cpu_pct": round((ctl1 - ctl0) / wall * 100, 1),
+              # the serving processes' own CPU (their codec processes not included): the
+              # controller (`kvctl serve`), then each worker
+              "server_cpu_pct": [round((b - a) / wall * 100, 1)
+                                 for a, b in zip(srv0, srv1, strict=True)],
               "loadavg_before": load_before, "loadavg_after": load_after,
               "machine": machine(), "versions": versions(), "commit": git_commit()}
     out = json.dumps(result, indent=2)
