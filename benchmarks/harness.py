@@ -170,7 +170,9 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=False, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # code only: editing a results file during a run does not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "*.py", "*.toml"],
                                capture_output=True, text=True, check=False, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
