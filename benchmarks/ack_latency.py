@@ -21,10 +21,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,29 +31,22 @@ from pathlib import Path
 
 import httpx
 import yaml
+from harness import (
+    Conn,
+    cpu_seconds,
+    free_port,
+    git_commit,
+    loadavg,
+    machine,
+    pct,
+    stop,
+    versions,
+    wait_ready,
+)
+
+from kvctl.common.paths import atomic_write
 
 OPS = ("compress", "decompress", "lookup", "check_finish")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                sys.exit(f"{p.args} exited with {p.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{url} not ready")
 
 
 def start(topology: str, tmp: Path) -> tuple[str, dict[str, str], list[subprocess.Popen]]:
@@ -118,68 +108,40 @@ def body(iid: str, tokens: list[int]) -> dict:
 async def keep_codecs_busy(ctl: str, prompts: dict[str, list[list[int]]], stop: asyncio.Event,
                            ended: list[dict]) -> None:
     """Compress, then decompress, then compress ... prompt 0 of each instance, back to back."""
-    async with httpx.AsyncClient(timeout=60) as c:
-        async def cycle(iid: str) -> None:
-            op = "compress"
+
+    async def cycle(iid: str) -> None:
+        conn = Conn(ctl)
+        payloads = {op: json.dumps(body(iid, prompts[iid][0])).encode()
+                    for op in ("compress", "decompress")}
+        op = "compress"
+        try:
             while not stop.is_set():
-                r = await c.post(f"{ctl}/{op}", json=body(iid, prompts[iid][0]))
-                if r.status_code == 429:  # the worker's queue is full: back off, as told
-                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                status, headers, reply = await conn.request("POST", f"/{op}", payloads[op])
+                if status == 429:  # the worker's queue is full: back off, as told
+                    await asyncio.sleep(float(headers.get(b"retry-after", b"1")))
                     continue
-                if r.status_code != 200:
-                    raise SystemExit(f"{op} on {iid}: HTTP {r.status_code} {r.text[:300]}")
-                eid = r.json()["event_id"]
+                if status != 200:
+                    raise SystemExit(f"{op} on {iid}: HTTP {status} {reply[:300]!r}")
+                eid = json.loads(reply)["event_id"]
                 while True:
-                    ev = (await c.get(f"{ctl}/events/{eid}")).json()
+                    _, _, reply = await conn.request("GET", f"/events/{eid}")
+                    ev = json.loads(reply)
                     if ev["status"] in ("finished", "failed"):
                         ended.append(ev)
                         break
                     await asyncio.sleep(0.05)
                 op = "decompress" if op == "compress" else "compress"
+        finally:
+            conn.close()
 
-        await asyncio.gather(*(cycle(iid) for iid in prompts))
-
-
-class Conn:
-    """A keep-alive HTTP/1.1 connection with next to no client-side work per request.
-
-    On a small machine an HTTP library's own per-request CPU would be measured as server
-    latency; this one writes prepared bytes and reads one Content-Length body.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, payload: bytes) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            sock = self.writer.get_extra_info("socket")
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assert self.reader is not None
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
-                          b"\r\nContent-Length: %d\r\n\r\n%s"
-                          % (path.encode(), self.host.encode(), len(payload), payload))
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        return status, await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    await asyncio.gather(*(cycle(iid) for iid in prompts))
 
 
 async def client(ctl: str, prompts: dict[str, list[list[int]]], seconds: float, pause: float,
                  rng: random.Random, samples: list[tuple[str, float]], errors: list[str]
                  ) -> None:
     iids = list(prompts)
-    host, port = ctl.removeprefix("http://").split(":")
-    conn = Conn(host, int(port))
+    conn = Conn(ctl)
     # bodies prepared once: prompts 1 and 2 (prompt 0 belongs to the background cycle)
     prepared = {(op, iid, k): json.dumps({"tokens": prompts[iid][k]} if op == "lookup"
                                          else body(iid, prompts[iid][k])).encode()
@@ -195,7 +157,7 @@ async def client(ctl: str, prompts: dict[str, list[list[int]]], seconds: float, 
             payload = (json.dumps({"event_id": last_event}).encode() if op == "check_finish"
                        else prepared[(op, rng.choice(iids), rng.choice((1, 2)))])
             t0 = time.perf_counter()
-            status, reply = await conn.post(f"/{op}", payload)
+            status, _, reply = await conn.request("POST", f"/{op}", payload)
             samples.append((op, (time.perf_counter() - t0) * 1000))
             if status != 200:
                 errors.append(f"{op}: HTTP {status} {reply[:200]!r}")
@@ -203,11 +165,6 @@ async def client(ctl: str, prompts: dict[str, list[list[int]]], seconds: float, 
                 last_event = json.loads(reply)["event_id"]
     finally:
         conn.close()
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2)
 
 
 async def measure(ctl: str, prompts: dict[str, list[list[int]]], clients: int, seconds: float,
@@ -228,22 +185,17 @@ async def measure(ctl: str, prompts: dict[str, list[list[int]]], clients: int, s
     per_op = {op: {"n": len(v), "p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99)}
               for op in OPS if (v := [ms for o, ms in samples if o == op])}
     codec_chunks = sum(ev["chunks_done"] for ev in ended)
-    return {"requests": len(lat), "errors": len(errors), "first_errors": errors[:3],
+    # 429 (the worker's queue is full, Retry-After) is an acknowledgement too; anything
+    # else that is not 200 is an error
+    refused = sum(1 for e in errors if ": HTTP 429 " in e)
+    return {"requests": len(lat), "errors": len(errors) - refused, "http_429": refused,
+            "first_errors": [e for e in errors if ": HTTP 429 " not in e][:3],
             "rate_per_s": round(len(lat) / wall, 1),
             "p50_ms": pct(lat, 0.5), "p95_ms": pct(lat, 0.95), "p99_ms": pct(lat, 0.99),
             "max_ms": round(max(lat), 2), "mean_ms": round(statistics.fmean(lat), 2),
             "per_op": per_op,
             "background_codec_jobs_ended": len(ended),
             "background_codec_chunks": codec_chunks}
-
-
-def versions() -> str:
-    import fastapi
-    import torch
-    import uvicorn
-
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, fastapi "
-            f"{fastapi.__version__}, uvicorn {uvicorn.__version__}, httpx {httpx.__version__}")
 
 
 def main() -> None:
@@ -256,6 +208,7 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=0.2,
                     help="mean pause of each client between requests, seconds (exponential)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", help="also write the JSON result to this file")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,23 +217,31 @@ def main() -> None:
             for eng in engines.values():
                 wait_ready(eng + "/health", procs)
             prompts = fill(engines)
+            load_before = loadavg()
+            cpu0, srv0 = cpu_seconds(), [cpu_seconds(p.pid) for p in procs]
+            t0 = time.monotonic()
             result = asyncio.run(measure(ctl, prompts, args.clients, args.seconds, args.pause,
                                          args.seed))
+            wall = time.monotonic() - t0
+            cpu1, srv1 = cpu_seconds(), [cpu_seconds(p.pid) for p in procs]
+            load_after = loadavg()
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            for p in procs:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-    result = {"topology": args.topology, "clients": args.clients, "seconds": args.seconds,
+            stop(procs)
+    result = {"command": " ".join(["python", *sys.argv]),
+              "topology": args.topology, "clients": args.clients, "seconds": args.seconds,
               "mean_pause_s": args.pause, **result,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
-                         f"{platform.processor() or 'cpu'}",
-              "versions": versions()}
-    print(json.dumps(result, indent=2))
+              # what the measurement cost: a client process near 100% would measure itself
+              "client_cpu_pct": round((cpu1 - cpu0) / wall * 100, 1),
+              # the serving processes' own CPU (their codec processes not included): the
+              # controller (`kvctl serve`), then each worker
+              "server_cpu_pct": [round((b - a) / wall * 100, 1)
+                                 for a, b in zip(srv0, srv1, strict=True)],
+              "loadavg_before": load_before, "loadavg_after": load_after,
+              "machine": machine(), "versions": versions(), "commit": git_commit()}
+    out = json.dumps(result, indent=2)
+    print(out)
+    if args.out:
+        atomic_write(Path(args.out), (out + "\n").encode(), durable=False)
 
 
 if __name__ == "__main__":

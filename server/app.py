@@ -49,6 +49,17 @@ def status_of(exc: errors.DomainError) -> int:
     return 500
 
 
+def error_response(exc: errors.DomainError | StorageError) -> JSONResponse:
+    """The reply for a domain error (its status from `ERROR_STATUS`) or a storage failure
+    (503). `kind` lets an HTTP transport raise the same error class on the other side."""
+    if isinstance(exc, StorageError):
+        return JSONResponse({"detail": str(exc), "kind": errors.StoreUnavailable.kind},
+                            status_code=503)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, errors.Busy) else None
+    return JSONResponse({"detail": exc.detail, "kind": exc.kind}, status_code=status_of(exc),
+                        headers=headers)
+
+
 def describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -64,16 +75,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(errors.DomainError)
     async def _domain_error(_: Request, exc: errors.DomainError) -> JSONResponse:
-        # `kind` lets an HTTP transport raise the same error class on the other side
-        headers = ({"Retry-After": str(exc.retry_after_s)}
-                   if isinstance(exc, errors.Busy) else None)
-        return JSONResponse({"detail": exc.detail, "kind": exc.kind},
-                            status_code=status_of(exc), headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(StorageError)
     async def _storage_error(_: Request, exc: StorageError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "kind": errors.StoreUnavailable.kind},
-                            status_code=503)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -123,5 +129,6 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     # the embedded worker's command API, for other controllers that share this one's state
     app.include_router(worker_app.router)
     install_error_handlers(app)
+    worker_app.install_ops(app)
     install_guards(app, settings)
     return app

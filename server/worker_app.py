@@ -7,11 +7,22 @@ Mounted by `kvctl worker` (on `lmcache_worker_port`) and, for the embedded worke
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
-from kvctl.server.errors import BadRequest, TooLarge, UnknownInstance, UnknownMethod
+from kvctl.server.app import error_response
+from kvctl.server.errors import (
+    BadRequest,
+    DomainError,
+    TooLarge,
+    UnknownInstance,
+    UnknownMethod,
+)
+from kvctl.server.limits import ASGIApp, Receive, Scope, Send
+from kvctl.server.storage import StorageError
 from kvctl.server.transport import CHECKSUM_HEADER, NUM_TOKENS_HEADER, InProcessTransport
 from kvctl.server.worker import WorkerRuntime
 from kvctl.server.worker_ops import WORKER_OPS
@@ -28,20 +39,83 @@ def _transport(request: Request) -> InProcessTransport:
     return InProcessTransport(rt, str(request.base_url))
 
 
-@router.post("/ops/{op}")
-async def op(op: str, request: Request) -> Any:
-    if op not in WORKER_OPS:
-        raise UnknownMethod(f"unknown worker command {op!r}; known: {', '.join(WORKER_OPS)}")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadRequest("worker command body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("worker command body must be a JSON object")
-    try:
-        return await _transport(request).call(op, body)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadRequest(f"malformed {op} command: {type(exc).__name__}: {exc}") from None
+class WorkerOps:
+    """ASGI middleware serving ``POST /worker/ops/{op}``: the controller's commands to this
+    worker, on every routed request of a cluster (one per /compress, one per worker per
+    /lookup, one per read of a running event).
+
+    A plain ASGI handler: body in, `WORKER_OPS` call, JSON out, errors through the same
+    `error_response` as the apps' handlers. FastAPI's routing, dependency solving and
+    exception middleware were almost a third of the cheapest command (the worker's median
+    time for ``events`` under the cluster benchmark: 0.61 ms through FastAPI, 0.42 ms
+    here), on the path of every acknowledgement a controller gives. Installed inside the
+    guards (host, token, body cap, redaction), so they hold here too.
+    """
+
+    PREFIX = "/worker/ops/"
+
+    def __init__(self, app: ASGIApp, owner: Any) -> None:
+        self.app = app
+        self.owner = owner  # the FastAPI app whose state holds the runtime
+        self._transport: InProcessTransport | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                               headers={"Allow": "POST"})(scope, receive, send)
+            return
+        body = await _read_all(receive)
+        if body is None:  # the client went away
+            return
+        try:
+            result = await self._run(scope["path"][len(self.PREFIX):], body)
+        except (DomainError, StorageError) as exc:
+            response = error_response(exc)
+        else:
+            response = JSONResponse(result)
+        await response(scope, receive, send)
+
+    async def _run(self, op: str, raw: bytes) -> Any:
+        if op not in WORKER_OPS:
+            raise UnknownMethod(f"unknown worker command {op[:100]!r}; known: "
+                                f"{', '.join(WORKER_OPS)}")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise BadRequest("worker command body is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("worker command body must be a JSON object")
+        rt: WorkerRuntime | None = getattr(self.owner.state, "runtime", None)
+        if rt is None:
+            raise UnknownInstance("this controller runs no worker of its own")
+        if self._transport is None or self._transport.runtime is not rt:
+            self._transport = InProcessTransport(rt, "")
+        try:
+            return await self._transport.call(op, body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"malformed {op} command: {type(exc).__name__}: {exc}") from None
+
+
+async def _read_all(receive: Receive) -> bytes | None:
+    """The whole request body (the body cap is enforced on ``receive`` by `BodyLimit`);
+    None if the client disconnected first."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def install_ops(app: FastAPI) -> None:
+    """Serve the worker command API of ``app``'s runtime (``app.state.runtime``). Call
+    before `install_guards`, so that the guards wrap it."""
+    app.add_middleware(WorkerOps, owner=app)
 
 
 @router.get("/chunks/{location}/{key}")
@@ -84,6 +158,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     app.state.runtime = runtime
     app.include_router(router)
     install_error_handlers(app)
+    install_ops(app)
     install_guards(app, runtime.settings)
 
     @app.get("/healthz")
