@@ -10,10 +10,11 @@ What is kept from CacheGen (SIGCOMM 2024) and what differs:
   channels keep their precision on models with key outliers; a step from the key vector's
   RMS gave them ~18% error there. Keys get finer steps than values: a key error moves
   every attention logit.
-* No per-model profile. CacheGen's layer-wise sensitivity profile was a table keyed by KV
-  shape that helped the one model it was measured on and fit no other (nor a model split
-  over ranks); the steps here are relative to statistics of the chunk itself, the same
-  on every model. Each chunk's steps travel in its blob.
+* Steps are relative to statistics of the chunk itself, the same on every model; each
+  chunk's steps travel in its blob, so decoding never needs anything else. On top of that
+  an optional ``profile`` scales the steps of each (layer, K/V): CacheGen's layer-wise
+  sensitivity, here measured per *model name* (``kvctl.common.calibration``), never a
+  table keyed by shape. Without one every layer gets the level's steps.
 * The first token of a chunk is stored exactly: at the start of a sequence it is the
   attention sink that every later token reads.
 * Symbols are entropy coded (rANS) with one model per (layer, K/V, channel), as in
@@ -83,8 +84,47 @@ KEY_QMAX = 16384
 KEY_WIDE = 4.0
 
 
+# a profile multiplier outside this range is refused: a step 16x off the level's is no
+# longer a sensitivity correction but a different level (and would leave the step codes'
+# range on ordinary data)
+PROFILE_MIN, PROFILE_MAX = 1.0 / 16, 16.0
+MAX_PROFILE_LAYERS = 1024
+
+
+def check_profile(profile: Any) -> tuple[tuple[float, float], ...] | None:
+    """A step-multiplier profile, ``[[key, value], ...]`` one pair per layer, validated and
+    frozen; ``None`` stays ``None`` (every multiplier 1)."""
+    if profile is None:
+        return None
+    if not isinstance(profile, list | tuple) or not 1 <= len(profile) <= MAX_PROFILE_LAYERS:
+        got = (f"{len(profile)} entries" if isinstance(profile, list | tuple)
+               else type(profile).__name__)
+        raise InvalidParamsError(
+            "cachegen profile must be a list of [key, value] step multipliers, one pair per "
+            f"layer (1 to {MAX_PROFILE_LAYERS} layers), got {got}")
+    out = []
+    for i, pair in enumerate(profile):
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(isinstance(m, int | float) and not isinstance(m, bool)
+                           for m in pair)):
+            raise InvalidParamsError(f"cachegen profile layer {i}: expected [key, value], two "
+                                     f"numbers, got {str(pair)[:60]}")
+        for m in pair:
+            if not PROFILE_MIN <= m <= PROFILE_MAX:  # also refuses nan
+                raise InvalidParamsError(
+                    f"cachegen profile layer {i}: multiplier {m} outside "
+                    f"[{PROFILE_MIN}, {PROFILE_MAX}]")
+        out.append((float(pair[0]), float(pair[1])))
+    return tuple(out)
+
+
 class CacheGenCodec(BaseCodec):
-    """``get_codec("cachegen", level="default" | "compact")``.
+    """``get_codec("cachegen", level="default" | "compact", profile=None)``.
+
+    ``profile``: optional step multipliers ``[[key, value], ...]``, one pair per layer of the
+    chunks it will encode (``kvctl.common.calibration`` measures them per model). It shapes
+    the encoder only: blobs carry their steps, so their header holds just the level and any
+    cachegen codec decodes them.
 
     Payload: the chunk's first token (fp16); per (layer, head, channel) the keys' step code;
     per (layer, head) the values' reference step code; per (layer, channel) the keys' (int8,
@@ -94,18 +134,29 @@ class CacheGenCodec(BaseCodec):
     """
 
     name = "cachegen"
+    takes_profile = True  # kvctl.common.calibration adds a model's profile to its params
     max_elements_per_byte = elements_per_byte(ALPHABET)
 
-    def __init__(self, level: str = "default") -> None:
-        if level not in LEVELS:
-            raise InvalidParamsError(f"unknown cachegen level {level!r}; levels: "
+    def __init__(self, level: str = "default", profile: Any = None) -> None:
+        if not isinstance(level, str) or level not in LEVELS:
+            raise InvalidParamsError(f"unknown cachegen level {str(level)[:40]!r}; levels: "
                                      f"{', '.join(LEVELS)}")
         self.level = level
         self.cfg = LEVELS[level]
+        self.profile = check_profile(profile)
         self._bank: Bank | None = None
 
     @property
     def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"level": self.level}
+        if self.profile is not None:
+            out["profile"] = [list(p) for p in self.profile]
+        return out
+
+    @property
+    def header_params(self) -> dict[str, Any]:
+        # the profile only chose the steps, which the payload carries: decoding needs none
+        # of it, and the header (and every label made from it) stays that of the level
         return {"level": self.level}
 
     @property
@@ -115,7 +166,17 @@ class CacheGenCodec(BaseCodec):
         return self._bank
 
     def describe(self) -> dict[str, Any]:
-        return {"level": self.level, **asdict(self.cfg)}
+        return {**self.params, **asdict(self.cfg)}
+
+    def _multipliers(self, L: int, kv: int, like: torch.Tensor) -> torch.Tensor | float:
+        """The profile's step multipliers of K (``kv`` 0) or V (1), shaped ``[L, 1, 1, 1]``
+        to scale per-layer steps, or 1.0 without a profile."""
+        import torch
+
+        if self.profile is None:
+            return 1.0
+        return torch.tensor([p[kv] for p in self.profile], dtype=like.dtype,
+                            device=like.device).view(L, 1, 1, 1)
 
     # ----------------------------------------------------------------- encoder ----
     def _key_codes(self, keys: torch.Tensor, dtype: Any) -> torch.Tensor:
@@ -140,7 +201,8 @@ class CacheGenCodec(BaseCodec):
         spread = var.sqrt_()
         med = spread.median(dim=-1, keepdim=True).values
         wide = (spread / (KEY_WIDE * med).clamp_min_(2.0 ** -30)).clamp_min_(1.0)
-        code = torch.round(STEP_RES * torch.log2((wide.mul_(med) * self.cfg.key_step)
+        scale = self._multipliers(L, 0, keys) * self.cfg.key_step
+        code = torch.round(STEP_RES * torch.log2((wide.mul_(med) * scale)
                                                  .clamp_min_(2.0 ** -24)) + STEP_BIAS)
         # never so fine that a symbol leaves int16 (a channel of near-constant values)
         amax = keys.abs().amax(dim=1, keepdim=True)
@@ -158,8 +220,8 @@ class CacheGenCodec(BaseCodec):
         """(step code per vector ``[L, B, H, 1]``, reference per head ``[L, 1, H, 1]``)."""
         import torch
 
-        D = vals.shape[-1]
-        step = norm.mul_(self.cfg.value_step / D ** 0.5)
+        L, D = vals.shape[0], vals.shape[-1]
+        step = norm.mul_(self._multipliers(L, 1, norm) * (self.cfg.value_step / D ** 0.5))
         code = torch.round(STEP_RES * torch.log2(step.clamp_min_(2.0 ** -24)) + STEP_BIAS)
         code = self._recognize(vals, code.clamp_(0, 255), dtype)
         # Step codes are coded relative to their (layer, head)'s mean. A code farther off
@@ -179,6 +241,10 @@ class CacheGenCodec(BaseCodec):
 
         L, _, T, H, D = kv.shape
         B, C = T - 1, H * D
+        if self.profile is not None and len(self.profile) != L:
+            raise InvalidParamsError(
+                f"cachegen profile has {len(self.profile)} layers but the chunk has {L}: it "
+                "was measured for another model (or shard); use that model's profile or none")
         # Each full pass over the chunk costs about a millisecond per core on CPU, so the
         # quantizer is written as few passes as possible, in place where it can be.
         first = kv[:, :, :1]
