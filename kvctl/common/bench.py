@@ -545,7 +545,10 @@ def suite_markdown(report: SuiteReport, command: str = "kvctl bench --suite") ->
         lines += [f"## {mod.name} (`--model {mod.model}`)", "",
                   f"KV of one text's prefix: {mod.kv_shape} (layers, K/V, tokens, kv heads, "
                   f"head dim); reference perplexity per text: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in mod.reference_ppl.items()) + ".", "",
+                  + ", ".join(f"{k} {v:.2f}" for k, v in mod.reference_ppl.items()) + "; "
+                  + (f"cachegen step profile `{mod.profile}` (kvctl.common.calibration)."
+                     if mod.profile != "none" else "cachegen with equal steps (no profile)."),
+                  "",
                   "| " + " | ".join(SUITE_HEADERS) + " |", "|" + "---|" * len(SUITE_HEADERS)]
         lines += ["| " + " | ".join(row) + " |" for row in suite_table_rows(report, mod.model)]
         lines += ["", "Top-1 agreement by text:", "",
