@@ -527,8 +527,8 @@ def suite_markdown(report: SuiteReport, command: str = "kvctl bench --suite") ->
         "# Codec benchmark: the text suite", "",
         f"Command: `{command}`", "",
         f"- Texts ({len(report.texts)} kinds, bundled in `kvctl/common/texts/`): "
-        + ", ".join(report.texts) + ". None of them is used for tuning (that is "
-        "`calibration.txt`).",
+        + ", ".join(report.texts) + ". None of them is used for tuning or for cachegen's "
+        "step profiles (those read `calibration.txt` and `calibration_mixed.txt`).",
         f"- Protocol, per text: the model reads {report.prefix + report.continuation} tokens; "
         f"the fp16 KV of the first {report.prefix} is cut into {report.chunk_size}-token "
         "chunks, each encoded and decoded on its own, every blob byte counted; the model then "
