@@ -109,6 +109,15 @@ class Manager:
         return out
 
 
+def smollm2_codec(method: str):
+    """What the serde encodes SmolLM2's chunks with: the method, with SmolLM2's profile."""
+    from kvctl.common import calibration
+
+    profile = calibration.load_profile("SmolLM2-135M-Instruct")
+    assert profile is not None
+    return calibration.codec_for(method, profile)
+
+
 def keys_for(prefix: bytes, n: int, model: str = SMOLLM2, rank: int = 0) -> list:
     from lmcache.v1.distributed.api import ObjectKey
 
@@ -139,8 +148,9 @@ def manager(tmp_path_factory) -> Manager:
 
 def test_storage_manager_round_trip_through_l2(manager, kv_chunks):
     """Store real KV, clear L1, prefetch: every chunk an L2 hit, equal to the codec's own
-    decode(encode(x)), and the files on disk are the codec's blobs, not a padded budget."""
-    codec = get_codec("cachegen")
+    decode(encode(x)) (SmolLM2's keys: with SmolLM2's step profile), and the files on disk
+    are the codec's blobs, not a padded budget."""
+    codec = smollm2_codec("cachegen")
     chunks = [lmc_layout(c) for c in kv_chunks]
     keys = keys_for(b"A", len(chunks))
     layout = layout_of(chunks[0])
@@ -216,7 +226,7 @@ def test_bf16_chunks_and_compact_level(tmp_path, kv_chunks):
         m.clear_l1()
         result = m.prefetch(keys, layout)
         assert result.l2_hit_count == 1
-        codec = get_codec("cachegen", level="compact")
+        codec = smollm2_codec("cachegen-compact")
         blob = codec.encode(kv)
         out = m.read(keys, result)[0]
         assert out.dtype == torch.bfloat16
