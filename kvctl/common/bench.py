@@ -460,7 +460,7 @@ def run_suite(models: list[str], methods: list[str] | None = None,
     """Every codec on every kind of text, for each model (loaded one at a time)."""
     import gc
 
-    from kvctl.common.calibration import codec_for, profile_for
+    from kvctl.common.calibration import codec_for, load_profile, profile_for
     from kvctl.common.model import load_model, load_tokenizer_for
 
     methods = methods or default_methods()
@@ -474,6 +474,8 @@ def run_suite(models: list[str], methods: list[str] | None = None,
         say(f"{model}: loading")
         lm = load_model(model)
         tokenizer = load_tokenizer_for(model)
+        if load_profile(lm.name) is None:
+            say(f"{model}: measuring its cachegen step profile (once; cached)")
         profile = profile_for(lm, tokenizer)  # committed for a bundled model, else measured
         entry = SuiteModel(model=model, name=lm.name, kv_shape=[],
                            profile=profile.key if profile else "none")
