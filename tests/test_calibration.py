@@ -174,3 +174,23 @@ async def test_a_worker_compresses_with_its_models_profile(prose_kv, model):
     want = calibration.codec_for("cachegen", profile).encode(chunk)
     assert stored == want
     assert (stored == get_codec("cachegen").encode(chunk)) == (model == "none")
+
+
+def test_set_profile_switches_jobs_and_the_remote_tier():
+    """What the engine does once it has loaded (and, for a new model, calibrated) its model:
+    later jobs and the remote tier's write-through use the profile; none restores equal
+    steps."""
+    from kvctl.server.config import ServerSettings
+    from kvctl.server.worker import WorkerRuntime
+
+    rt = WorkerRuntime(ServerSettings(model="none", remote_serde="cachegen"))
+    try:
+        assert rt.profile is None and "profile" not in rt.codec("cachegen").params
+        prof = calibration.load_profile(SMOL)
+        rt.set_profile(prof)
+        assert rt.codec("cachegen-compact").params["profile"] == prof.multipliers["compact"]
+        assert rt.store.remote_codec.params.get("profile") == prof.multipliers["default"]
+        rt.set_profile(None)
+        assert "profile" not in rt.codec("cachegen").params
+    finally:
+        rt.close()
