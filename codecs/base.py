@@ -24,7 +24,9 @@ FP16_MAX = 65504.0
 
 @runtime_checkable
 class Codec(Protocol):
-    """What every codec offers. ``params`` is JSON-serialisable and travels in each blob."""
+    """What every codec offers. ``params`` is JSON-serialisable (plain types: it rebuilds the
+    codec with ``get_codec(name, **params)``); a blob's header carries ``header_params``,
+    the part of it a decoder needs."""
 
     name: str
 
@@ -66,6 +68,12 @@ class BaseCodec:
     def params(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def header_params(self) -> dict[str, Any]:
+        """What a blob's header records: the params a decoder needs to rebuild the codec
+        (all of them unless a codec has encoder-only ones)."""
+        return self.params
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
 
@@ -99,7 +107,7 @@ class BaseCodec:
         self.check_input(kv)
         shape = tuple(int(s) for s in kv.shape)
         payload = b"" if kv.numel() == 0 else self._encode(kv.detach())
-        return _blob.pack(self.name, self.params, shape, dtype_name(kv.dtype), payload)
+        return _blob.pack(self.name, self.header_params, shape, dtype_name(kv.dtype), payload)
 
     def decode(self, blob: bytes, device: str | torch.device = "cpu") -> torch.Tensor:
         info, payload = _blob.unpack(blob)

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvctl.common.calibration import profile_for
 from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.app import describe_validation
 from kvctl.server.limits import install_guards
@@ -269,11 +270,23 @@ def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
             names = [lm.name] + ([model_spec] if model_spec != lm.name else [])
             state["engine"] = Engine(lm, tok, runtime, names, stats)
             log.info("engine ready: %s (%.1f s)", lm.name, time.perf_counter() - t0)
+            # the codec jobs' step profile for this model: committed for a bundled one;
+            # another is calibrated once on this thread, so generations queue behind it
+            # instead of sharing the model with it
+            pool.submit(_profile, lm, tok)
         except Exception as exc:
             log.error("engine failed to load %s: %s", model_spec, exc)
             state["error"] = str(exc)
         finally:
             ready.set()
+
+    def _profile(lm: LoadedModel, tok: Any) -> None:
+        if stopping.is_set():
+            return
+        try:
+            runtime.set_profile(profile_for(lm, tok))
+        except Exception as exc:  # never fatal: codecs keep equal steps
+            log.warning("no cachegen step profile for %s: %s", lm.name, exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

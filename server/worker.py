@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
+from kvctl.common.calibration import ModelProfile, codec_for, load_profile
+from kvctl.common.model import served_name
 from kvctl.server.chunks import ChunkRef, chunk_refs
 from kvctl.server.config import ServerSettings
 from kvctl.server.errors import (
@@ -113,14 +116,16 @@ def _exit_with(owner_pid: int) -> None:
             os._exit(0)
 
 
-def transcode_blob(blob: bytes, method: str, device: str) -> tuple[bytes, float]:
-    """Decode a chunk blob and encode it with ``method``; runs in a codec process.
+def transcode_blob(blob: bytes, codec: str, params_json: str, device: str
+                   ) -> tuple[bytes, float]:
+    """Decode a chunk blob and encode it with codec ``codec`` built from ``params_json``
+    (its params, a model's step profile included); runs in a codec process.
 
     Only bytes and strings cross the process boundary (the pool's own pipe between processes
     this worker started); blobs are parsed by the codecs' format, never unpickled.
     """
     t0 = time.perf_counter()
-    new = codec_for_method(method).encode(decode_blob(blob, device=device))
+    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device))
     return new, time.perf_counter() - t0
 
 
@@ -172,9 +177,15 @@ class WorkerRuntime:
         self.all_local = all(isinstance(b, LocalCPUBackend | LocalDiskBackend)
                              for b in self.backends.values())
         self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+        # The step profile of the model this worker's engine runs: a bundled model's is
+        # committed (read now); another model's is measured once its engine has loaded it
+        # (set_profile). Until then, and without a model, codecs use equal steps.
+        self.profile: ModelProfile | None = None
+        if settings.model and settings.model != "none":
+            self.profile = load_profile(served_name(settings.model))
         # the engine's view: write-through to every tier, read-through from the fastest
         self.store = TieredStore(self.backends, self._raw,
-                                 codec_for_method(settings.remote_method),
+                                 codec_for(settings.remote_method, self.profile),
                                  settings.save_unfull_chunk, settings.chunk_size, self.device)
         for _ in range(settings.codec_threads):
             self._codec.submit(_warm_up_codecs).add_done_callback(_log_warm_up)
@@ -194,11 +205,17 @@ class WorkerRuntime:
                                   f"{known}") from None
 
     def codec(self, method: str) -> Any:
-        """The codec for a `method` string; an unknown one lists the known ones."""
+        """The codec for a `method` string, with this worker's model profile when it takes
+        one; an unknown method lists the known ones."""
         try:
-            return codec_for_method(method)
+            return codec_for(method, self.profile)
         except CodecError as exc:
             raise UnknownMethod(str(exc)) from None
+
+    def set_profile(self, profile: ModelProfile | None) -> None:
+        """Use ``profile`` (the engine's model's) for codec jobs from now on."""
+        self.profile = profile
+        self.store.remote_codec = codec_for(self.settings.remote_method, profile)
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.settings.max_request_tokens:
@@ -260,7 +277,7 @@ class WorkerRuntime:
         refs = self.matched(backend, tokens)
         warning = self._check_stacking(backend, refs, codec, force)
         ev = self._schedule(self._pool, "compress", instance_id, method, location, refs,
-                            lambda ev, rs: self._transcode(ev, rs, backend, codec, method,
+                            lambda ev, rs: self._transcode(ev, rs, backend, codec,
                                                            "compress"), event_id)
         if warning:
             self.events.record(ev, warning=warning)
@@ -273,7 +290,7 @@ class WorkerRuntime:
         event carries a warning instead."""
         if not refs:
             return None
-        target = label_for(codec.name, codec.params)
+        target = label_for(codec.name, codec.header_params)
         lossy: dict[str, int] = {}
         for label in backend.codecs_many([r.key for r in refs]):
             if label is None or label in (target, UNKNOWN_CODEC) or _lossless(label):
@@ -300,13 +317,14 @@ class WorkerRuntime:
         refs = self.matched(backend, tokens)
         return self._schedule(self._pool, "decompress", instance_id, method, location, refs,
                               lambda ev, rs: self._transcode(ev, rs, backend, self._raw,
-                                                             RAW_METHOD, "decompress"), event_id)
+                                                             "decompress"), event_id)
 
     def _transcode(self, ev: Event, refs: list[ChunkRef], backend: StorageBackend, target: Any,
-                   target_method: str, op: str) -> None:
+                   op: str) -> None:
         """Re-encode each chunk with ``target`` (the raw codec when decompressing)."""
         method = ev.method or target.name
-        target_label = label_for(target.name, target.params)
+        target_label = label_for(target.name, target.header_params)
+        params_json = json.dumps(target.params)
         codecs: list[list[str]] = []
         for i, ref in enumerate(refs):
             blob = backend.get(ref.key)
@@ -318,11 +336,11 @@ class WorkerRuntime:
             info = peek_blob(blob)
             before = label_for(info.codec, info.params)
             codecs.append([before, target_label])
-            if info.codec == target.name and info.params == target.params:
+            if info.codec == target.name and info.params == target.header_params:
                 self.events.progress(ev, len(blob), len(blob))
                 self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
                 continue
-            new, elapsed = self._codec.submit(transcode_blob, blob, target_method,
+            new, elapsed = self._codec.submit(transcode_blob, blob, target.name, params_json,
                                               self.device).result()
             backend.put(ref.key, new, ref.num_tokens)
             self.events.record(ev, chunk_codecs=[list(c) for c in codecs])

@@ -149,6 +149,9 @@ def test_suite_has_ten_kinds_and_no_calibration_text():
             "german", "russian", "chat"} <= set(b.SUITE)
     assert all(p.is_file() for p in b.SUITE.values())
     assert b.TEXTS / "calibration.txt" not in b.SUITE.values()
+    from kvctl.common import calibration
+
+    assert not set(calibration.TEXTS) & set(b.SUITE.values())  # profiles never see the suite
     assert b.suite_kinds() == list(b.SUITE)
     assert b.suite_kinds(3) == list(b.SUITE)[:3]
     assert b.suite_kinds(kinds=["german", "prose"]) == ["prose", "german"]  # report order
@@ -194,6 +197,10 @@ def test_suite_end_to_end_reports_both_models(app, tmp_path):
         ("smollm2", [30, 2, 32, 3, 64]), ("gemma3", [18, 2, 32, 1, 256])]
     assert [(row["model"], row["method"]) for row in rep["rows"]] == [
         ("smollm2", "int8"), ("gemma3", "int8")]
+    from kvctl.common.calibration import codec_key
+
+    # each bundled model's committed cachegen profile was found (none was measured)
+    assert [m["profile"] for m in rep["models"]] == [codec_key()] * 2
     for row in rep["rows"]:
         per_text = {t["kind"]: t for t in row["texts"]}
         assert list(per_text) == ["prose", "python"]

@@ -10,7 +10,7 @@ The bound, and why: cachegen quantizes all keys of a (layer, head) with one step
 g = key_step x (median over the head's channels of each channel's spread around its own
 mean). A constant offset changes neither its channel's spread nor the median, so g, and with
 it every ordinary channel's error (uniform rounding: RMS g / sqrt(12)), is unchanged: for a
-channel of median spread that is key_step / sqrt(12) ~ 8.7% (default) or 14.4% (compact).
+channel of median spread that is key_step / sqrt(12) ~ 10.8% (default) or 24% (compact).
 """
 
 from __future__ import annotations

@@ -109,6 +109,15 @@ class Manager:
         return out
 
 
+def smollm2_codec(method: str):
+    """What the serde encodes SmolLM2's chunks with: the method, with SmolLM2's profile."""
+    from kvctl.common import calibration
+
+    profile = calibration.load_profile("SmolLM2-135M-Instruct")
+    assert profile is not None
+    return calibration.codec_for(method, profile)
+
+
 def keys_for(prefix: bytes, n: int, model: str = SMOLLM2, rank: int = 0) -> list:
     from lmcache.v1.distributed.api import ObjectKey
 
@@ -139,8 +148,9 @@ def manager(tmp_path_factory) -> Manager:
 
 def test_storage_manager_round_trip_through_l2(manager, kv_chunks):
     """Store real KV, clear L1, prefetch: every chunk an L2 hit, equal to the codec's own
-    decode(encode(x)), and the files on disk are the codec's blobs, not a padded budget."""
-    codec = get_codec("cachegen")
+    decode(encode(x)) (SmolLM2's keys: with SmolLM2's step profile), and the files on disk
+    are the codec's blobs, not a padded budget."""
+    codec = smollm2_codec("cachegen")
     chunks = [lmc_layout(c) for c in kv_chunks]
     keys = keys_for(b"A", len(chunks))
     layout = layout_of(chunks[0])
@@ -216,7 +226,7 @@ def test_bf16_chunks_and_compact_level(tmp_path, kv_chunks):
         m.clear_l1()
         result = m.prefetch(keys, layout)
         assert result.l2_hit_count == 1
-        codec = get_codec("cachegen", level="compact")
+        codec = smollm2_codec("cachegen-compact")
         blob = codec.encode(kv)
         out = m.read(keys, result)[0]
         assert out.dtype == torch.bfloat16
@@ -274,21 +284,39 @@ def test_an_object_of_several_kernel_groups_is_stored_bit_exactly(manager, kv_ch
 
 def test_tensor_parallel_shard_is_quantized_as_in_the_full_chunk(kv_chunks):
     """A rank holding one of SmolLM2's three heads decodes to exactly that head of the full
-    chunk decoded by the stock codec, whatever the model is called: cachegen's steps follow
-    each (layer, head)'s own statistics, with no profile keyed by shape or name."""
+    chunk decoded by the codec the model gets: SmolLM2's step profile (found by the hub
+    id's last part) for SmolLM2's key, equal steps for a model kvctl has no profile for.
+    The profile scales whole layers and cachegen's steps follow each (layer, head)'s own
+    statistics, so a head quantizes the same alone as beside the others."""
+    from kvctl.common import calibration
     from kvctl.integrations.lmcache.serde import KvctlDeserializer, KvctlSerializer
 
     kv = kv_chunks[0]
-    full = get_codec("cachegen")
-    want = full.decode(full.encode(kv))[:, :, :, :1]
+    profile = calibration.load_profile("SmolLM2-135M-Instruct")
+    assert profile is not None
     shard = lmc_layout(kv[:, :, :, :1].contiguous())  # [2, 30, 256, 64]
     ser, de = KvctlSerializer("cachegen", 64), KvctlDeserializer(64)
     (smol_key,) = keys_for(b"T", 1)
     (other_key,) = keys_for(b"T", 1, model="acme/unknown-model")
-    for key in (smol_key, other_key):
+    for key, prof in ((smol_key, profile), (other_key, None)):
+        full = calibration.codec_for("cachegen", prof)
+        want = full.decode(full.encode(kv))[:, :, :, :1]
         out = torch.empty_like(shard)
         de.decode_into(ser.encode_chunk(shard, key), out)
         assert torch.equal(out, lmc_layout(want))
+    # the two differ: the profile was used (and the blobs decode without it)
+    assert ser.encode_chunk(shard, smol_key) != ser.encode_chunk(shard, other_key)
+
+
+def test_pipeline_stage_gets_equal_steps(kv_chunks):
+    """A pipeline stage holds some of the model's layers, and the key does not say which:
+    the profile (one pair per layer of the whole model) is not applied to it."""
+    from kvctl.integrations.lmcache.serde import KvctlSerializer
+
+    stage = kv_chunks[0][:10].contiguous()
+    (smol_key,) = keys_for(b"P", 1)
+    blob = KvctlSerializer("cachegen", 64).encode_chunk(lmc_layout(stage), smol_key)
+    assert blob == get_codec("cachegen").encode(stage)
 
 
 @pytest.mark.parametrize("method", ["cachegen", "cachegen-compact", "int8", "fp8", "kivi-2",

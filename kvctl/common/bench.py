@@ -111,6 +111,7 @@ class Workload:
     ref_logits: torch.Tensor | None = None
     lm: LoadedModel | None = None
     ref_ppl: float | None = None
+    tokenizer: Any = None
 
 
 def split_chunks(kv: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
@@ -154,7 +155,7 @@ def text_workload(text_path: Path | None, prefix: int = 512, continuation: int =
     ref_ppl, _ = ppl_and_top1(logits, logits, ids[prefix:])
     return Workload(source=str(path), chunks=split_chunks(kv16, chunk_size), prefix=prefix,
                     continuation=continuation, continuation_ids=ids[prefix:],
-                    ref_logits=logits.float(), lm=lm, ref_ppl=ref_ppl)
+                    ref_logits=logits.float(), lm=lm, ref_ppl=ref_ppl, tokenizer=tokenizer)
 
 
 def kv_file_workload(path: Path, chunk_size: int = 256) -> Workload:
@@ -254,8 +255,14 @@ def default_methods() -> list[str]:
 
 def run_bench(work: Workload, methods: list[str] | None = None, repeats: int = 3,
               chunk_size: int = 256) -> BenchReport:
-    from kvctl.codecs import codec_for_method
+    """Every method on one workload; with a model, cachegen uses that model's step profile
+    (kvctl.common.calibration), as a worker running the model would."""
+    from kvctl.common.calibration import codec_for, load_profile, profile_for
 
+    profile = None
+    if work.lm is not None:
+        profile = (profile_for(work.lm, work.tokenizer) if work.tokenizer is not None
+                   else load_profile(work.lm.name))
     ref_ppl = work.ref_ppl
     if ref_ppl is None and work.ref_logits is not None and work.continuation_ids:
         ref_ppl, _ = ppl_and_top1(work.ref_logits, work.ref_logits, work.continuation_ids)
@@ -265,8 +272,9 @@ def run_bench(work: Workload, methods: list[str] | None = None, repeats: int = 3
                          prefix=work.prefix, continuation=work.continuation,
                          reference_ppl=ref_ppl, machine=machine_info())
     for m in methods or default_methods():
-        report.results.append(evaluate(m, codec_for_method(m), work, repeats))
+        report.results.append(evaluate(m, codec_for(m, profile), work, repeats))
     return report
+
 
 
 # ------------------------------------------------------------------ rendering ----
@@ -385,6 +393,8 @@ class SuiteModel:
     model: str  # the --model value
     name: str  # the name the model is served under
     kv_shape: list[int]  # layers, K/V, tokens, kv heads, head dim of one text's prefix
+    # cachegen's step profile for the model (kvctl.common.calibration): its key, or "none"
+    profile: str = "none"
     reference_ppl: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -450,7 +460,7 @@ def run_suite(models: list[str], methods: list[str] | None = None,
     """Every codec on every kind of text, for each model (loaded one at a time)."""
     import gc
 
-    from kvctl.codecs import codec_for_method
+    from kvctl.common.calibration import codec_for, load_profile, profile_for
     from kvctl.common.model import load_model, load_tokenizer_for
 
     methods = methods or default_methods()
@@ -464,7 +474,11 @@ def run_suite(models: list[str], methods: list[str] | None = None,
         say(f"{model}: loading")
         lm = load_model(model)
         tokenizer = load_tokenizer_for(model)
-        entry = SuiteModel(model=model, name=lm.name, kv_shape=[])
+        if load_profile(lm.name) is None:
+            say(f"{model}: measuring its cachegen step profile (once; cached)")
+        profile = profile_for(lm, tokenizer)  # committed for a bundled model, else measured
+        entry = SuiteModel(model=model, name=lm.name, kv_shape=[],
+                           profile=profile.key if profile else "none")
         report.models.append(entry)
         per_method: dict[str, list[CodecResult]] = {m: [] for m in methods}
         for i, kind in enumerate(kinds, 1):
@@ -476,12 +490,13 @@ def run_suite(models: list[str], methods: list[str] | None = None,
                 entry.kv_shape[2] = sum(c.shape[2] for c in work.chunks)
             entry.reference_ppl[kind] = float(work.ref_ppl or 0)
             for m in methods:
-                per_method[m].append(evaluate(m, codec_for_method(m), work, repeats))
+                per_method[m].append(evaluate(m, codec_for(m, profile), work, repeats))
             say(f"{model}: {kind} ({i}/{len(kinds)}), {len(methods)} codecs, "
                 f"{time.perf_counter() - t_text:.1f} s")
             del work
         for m in methods:
-            report.rows.append(_summarize(model, m, codec_for_method(m), per_method[m], kinds))
+            report.rows.append(_summarize(model, m, codec_for(m, profile), per_method[m],
+                                          kinds))
         entry.seconds = time.perf_counter() - t_model
         del lm, tokenizer
         gc.collect()  # one model's weights at a time: Gemma 3's fp32 copy is ~1 GB
@@ -514,8 +529,8 @@ def suite_markdown(report: SuiteReport, command: str = "kvctl bench --suite") ->
         "# Codec benchmark: the text suite", "",
         f"Command: `{command}`", "",
         f"- Texts ({len(report.texts)} kinds, bundled in `kvctl/common/texts/`): "
-        + ", ".join(report.texts) + ". None of them is used for tuning (that is "
-        "`calibration.txt`).",
+        + ", ".join(report.texts) + ". None of them is used for tuning or for cachegen's "
+        "step profiles (those read `calibration.txt` and `calibration_mixed.txt`).",
         f"- Protocol, per text: the model reads {report.prefix + report.continuation} tokens; "
         f"the fp16 KV of the first {report.prefix} is cut into {report.chunk_size}-token "
         "chunks, each encoded and decoded on its own, every blob byte counted; the model then "
@@ -532,7 +547,10 @@ def suite_markdown(report: SuiteReport, command: str = "kvctl bench --suite") ->
         lines += [f"## {mod.name} (`--model {mod.model}`)", "",
                   f"KV of one text's prefix: {mod.kv_shape} (layers, K/V, tokens, kv heads, "
                   f"head dim); reference perplexity per text: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in mod.reference_ppl.items()) + ".", "",
+                  + ", ".join(f"{k} {v:.2f}" for k, v in mod.reference_ppl.items()) + "; "
+                  + (f"cachegen step profile `{mod.profile}` (kvctl.common.calibration)."
+                     if mod.profile != "none" else "cachegen with equal steps (no profile)."),
+                  "",
                   "| " + " | ".join(SUITE_HEADERS) + " |", "|" + "---|" * len(SUITE_HEADERS)]
         lines += ["| " + " | ".join(row) + " |" for row in suite_table_rows(report, mod.model)]
         lines += ["", "Top-1 agreement by text:", "",

@@ -124,6 +124,11 @@ BUILTIN_MODELS = tuple(BUILTINS)
 DEFAULT_MODEL = "smollm2"
 
 
+def served_name(spec: str) -> str:
+    """The name a ``--model`` value is served under (``LoadedModel.name``), without loading."""
+    return BUILTINS[spec].served_name if spec in BUILTINS else spec
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
     """Cache folder of the dequantized weights and tokenizer of one GGUF file.
 
@@ -249,7 +254,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> LoadedModel:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return LoadedModel(
-        name=BUILTINS[spec].served_name if spec in BUILTINS else spec,
+        name=served_name(spec),
         model=model,
         num_layers=cfg.num_hidden_layers,
         num_kv_heads=cfg.num_key_value_heads,

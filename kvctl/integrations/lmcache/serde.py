@@ -43,6 +43,8 @@ from kvctl.codecs import (
 )
 from kvctl.codecs.base import dtype_name, torch_dtype
 from kvctl.codecs.errors import CorruptBlobError, TruncatedBlobError
+from kvctl.common import calibration
+from kvctl.common.calibration import load_profile
 from kvctl.integrations.lmcache.frame import (
     chunk_extent,
     frame_size,
@@ -68,6 +70,7 @@ VARIABLE_SIZE = frozenset({"cachegen"})
 FALLBACK_METHOD = "int8"
 SERDE_OPTIONS = ("head_dim", "max_workers", "warmup")
 MAX_WORKERS = 64
+MAX_PROFILED = 64
 
 
 def _groups(shapes: list[torch.Size], dtypes: list[torch.dtype]
@@ -93,6 +96,8 @@ class KvctlSerializer(Serializer):
         self.fallback: BaseCodec | None = (
             codec_for_method(FALLBACK_METHOD) if self.codec.name in VARIABLE_SIZE else None)
         self._sizes: dict[tuple[Any, ...], int] = {}
+        # (model name, layers) -> its (profiled) codec
+        self._profiled: dict[tuple[str, int], BaseCodec] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ size estimate ----
@@ -120,11 +125,32 @@ class KvctlSerializer(Serializer):
         return size
 
     # ---------------------------------------------------------------- serialize ----
-    def codec_for(self, key: ObjectKey | None) -> BaseCodec:
-        """The codec for a chunk of this key's model. cachegen needs no per-model profile
-        (its steps follow statistics of each (layer, head) of the chunk), so a tensor- or
-        pipeline-parallel rank's shard is quantized exactly as in the full chunk."""
-        return self.codec
+    def codec_for(self, key: ObjectKey | None, layers: int) -> BaseCodec:
+        """The codec for a chunk of ``layers`` layers of this key's model: with the model's
+        step profile when kvctl has one (committed or calibrated before; the serde never
+        loads a model to calibrate) and it covers exactly those layers. The profile scales
+        whole layers and cachegen's steps follow each (layer, head)'s own statistics, so a
+        tensor-parallel rank's shard (some heads, every layer) is quantized exactly as in
+        the full chunk; a pipeline stage's (some layers: which ones, the key does not say)
+        gets equal steps."""
+        if not getattr(self.codec, "takes_profile", False) or key is None:
+            return self.codec
+        name = str(key.model_name)
+        with self._lock:
+            codec = self._profiled.get((name, layers))
+        if codec is not None:
+            return codec
+        profile = load_profile(name)
+        if profile is None and "/" in name:  # LMCache names hub ids: org/model
+            profile = load_profile(name.rsplit("/", 1)[-1])
+        codec = self.codec
+        if profile is not None and profile.layers == layers:
+            codec = calibration.codec_for(self.method, profile)
+        with self._lock:
+            if len(self._profiled) >= MAX_PROFILED:  # names come from keys: stay bounded
+                self._profiled.clear()
+            self._profiled[(name, layers)] = codec
+        return codec
 
     def encode_chunk(self, chunk: torch.Tensor, key: ObjectKey | None = None,
                      capacity: int | None = None) -> bytes:
@@ -136,7 +162,7 @@ class KvctlSerializer(Serializer):
         kv = to_kvctl(chunk, self.head_dim)
         # inf/nan raise NonFiniteInputError here (every lossy codec refuses them): the
         # store fails, LMCache logs it and the chunk stays in L1 only.
-        blob = self.codec_for(key).encode(kv)
+        blob = self.codec_for(key, kv.shape[0]).encode(kv)
         if self.fallback is not None and capacity is not None and len(blob) > capacity:
             log.info("kvctl serde: a %s blob of %d bytes exceeds the %d reserved; storing "
                      "this chunk with %s", self.method, len(blob), capacity, FALLBACK_METHOD)
