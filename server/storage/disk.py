@@ -81,14 +81,6 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         self.swept = 0
         self._load()
 
-    @property
-    def capacity(self) -> int:
-        return self._index.capacity
-
-    @property
-    def evictions(self) -> int:
-        return self._index.evictions
-
     def _path(self, key: str, num_tokens: int) -> Path:
         return self.root / f"{key}-{num_tokens}{SUFFIX}"
 

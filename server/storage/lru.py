@@ -120,6 +120,14 @@ class IndexedTier:
     _index: LruIndex
     _lock: threading.Lock
 
+    @property
+    def capacity(self) -> int:
+        return self._index.capacity
+
+    @property
+    def evictions(self) -> int:
+        return self._index.evictions
+
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._index.entries)

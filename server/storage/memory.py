@@ -17,14 +17,6 @@ class LocalCPUBackend(IndexedTier, StorageBackend):
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
-    @property
-    def capacity(self) -> int:
-        return self._index.capacity
-
-    @property
-    def evictions(self) -> int:
-        return self._index.evictions
-
     def get(self, key: str) -> bytes | None:
         with self._lock:
             if self._index.touch(key) is None:
