@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,27 @@ PROSE = (
     "stones. The first loaves were always for the night watchmen, who came in stamping their "
     "boots and complaining about the fog. "
 ) * 8
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def in_process_api(settings, base_url: str = "http://test") -> AsyncIterator:
+    """An httpx client on ``create_app(settings)`` through the ASGI transport, inside the
+    app's lifespan (as uvicorn runs it); ``client.runtime`` is the app's worker runtime."""
+    import httpx
+
+    from kvctl.server.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url=base_url) as client:
+            client.runtime = getattr(app.state, "runtime", None)  # type: ignore[attr-defined]
+            yield client
 
 
 def free_port() -> int:

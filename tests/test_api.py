@@ -8,6 +8,7 @@ import pytest
 
 from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
+from tests.conftest import in_process_api
 
 pytestmark = pytest.mark.anyio
 
@@ -15,20 +16,11 @@ INSTANCE = "lmcache_default_instance"
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 async def api(tmp_path):
     settings = ServerSettings(model="none", local_disk=str(tmp_path / "disk"),
                               max_local_disk_size=1, max_request_tokens=5000)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            client.runtime = app.state.runtime  # type: ignore[attr-defined]
-            yield client
+    async with in_process_api(settings) as client:
+        yield client
 
 
 async def wait_event(api, event_id: str) -> dict:

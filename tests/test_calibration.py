@@ -134,11 +134,6 @@ def test_codec_for_adds_the_profile_only_to_cachegen():
 
 
 # ------------------------------------------------------------------ server path ----
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("model", ["smollm2", "none"])
 async def test_a_worker_compresses_with_its_models_profile(prose_kv, model):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 import anyio
-import httpx
 import pytest
 
-from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
-from tests.conftest import free_port
+from tests.conftest import free_port, in_process_api
 
 pytestmark = pytest.mark.anyio
 
@@ -18,19 +16,11 @@ INSTANCE = "lmcache_default_instance"
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 async def api():
     settings = ServerSettings(model="none", heartbeat_interval_s=0.2, dead_after_s=1.0,
                               worker_timeout_s=2.0, codec_pool="thread")
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://127.0.0.1") as client:
-            yield client
+    async with in_process_api(settings, base_url="http://127.0.0.1") as client:
+        yield client
 
 
 def beat(instance_id: str, url: str) -> dict:

@@ -9,13 +9,13 @@ one cycle, within 2%.
 from __future__ import annotations
 
 import anyio
-import httpx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvctl.codecs import available_methods, codec_for_method, decode_blob
+from tests.conftest import in_process_api
 
 METHODS = available_methods()
 CYCLES = 50
@@ -76,23 +76,13 @@ INSTANCE = "lmcache_default_instance"
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 async def api(tmp_path):
-    from kvctl.server.app import create_app
     from kvctl.server.config import ServerSettings
 
     settings_ = ServerSettings(model="none", local_disk=str(tmp_path / "disk"),
                                max_local_disk_size=1, max_request_tokens=5000)
-    app = create_app(settings_)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            client.runtime = app.state.runtime  # type: ignore[attr-defined]
-            yield client
+    async with in_process_api(settings_) as client:
+        yield client
 
 
 async def _run(api, path: str, tokens: list[int], method: str) -> dict:

@@ -14,11 +14,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
 
 @pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
 async def stack(lm, smollm2_tokenizer):
     settings = ServerSettings(model="none")
     controller = create_app(settings)

@@ -13,16 +13,12 @@ import torch
 
 from kvctl.server.app import create_app
 from kvctl.server.config import ConfigError, ServerSettings, build_settings
+from tests.conftest import in_process_api
 
 pytestmark = pytest.mark.anyio
 
 INSTANCE = "lmcache_default_instance"
 CHUNK = 64
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 def kv_for(n: int, seed: int = 0) -> torch.Tensor:
@@ -31,12 +27,8 @@ def kv_for(n: int, seed: int = 0) -> torch.Tensor:
 
 
 async def _client(settings: ServerSettings):
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            c.runtime = app.state.runtime  # type: ignore[attr-defined]
-            yield c
+    async with in_process_api(settings, base_url="http://t") as c:
+        yield c
 
 
 @pytest.fixture
