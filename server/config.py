@@ -96,7 +96,7 @@ class ServerSettings(BaseModel):
     @field_validator("auth_token")
     @classmethod
     def _usable_token(cls, v: str | None) -> str | None:
-        from kvctl.server.auth import check_token
+        from kvctl.server.http.auth import check_token
 
         return check_token(v) if v else None
 

@@ -1,6 +1,6 @@
 """Domain errors raised by the controller and its workers.
 
-They say what went wrong, not how to answer it: `kvctl.server.app.ERROR_STATUS` is the one
+They say what went wrong, not how to answer it: `kvctl.server.http.app.ERROR_STATUS` is the one
 table that maps each to an HTTP status. Each error has a stable ``kind`` so that a worker's
 error crosses the HTTP transport and is raised again, as the same class, in the controller.
 """

@@ -15,12 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from kvctl.server.app import create_app, install_error_handlers
-from kvctl.server.auth import check_exposure, client_headers, is_loopback
 from kvctl.server.config import ServerSettings
-from kvctl.server.limits import install_guards
-from kvctl.server.routers import cluster, events
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.http.app import create_app, install_error_handlers
+from kvctl.server.http.auth import check_exposure, client_headers, is_loopback
+from kvctl.server.http.limits import install_guards
+from kvctl.server.http.routers import cluster, events
+from kvctl.server.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
@@ -122,7 +122,7 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
     if settings.monitor_port is not None:
         apps["monitor"] = create_monitor_app(controller_app)
     if serve_engine:
-        from kvctl.server.engine import create_engine_app
+        from kvctl.server.engine.core import create_engine_app
 
         apps["engine"] = create_engine_app(runtime, settings.model)  # type: ignore[arg-type]
     try:
@@ -151,7 +151,7 @@ def _check_state(settings: ServerSettings) -> None:
 def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
     """`kvctl worker`: one instance (store, codec pool, engine unless model is none) that
     registers with the controller(s) of its config and heartbeats until SIGINT/SIGTERM."""
-    from kvctl.server.worker_app import create_worker_app
+    from kvctl.server.worker.app import create_worker_app
 
     _torch_threads(settings)
     _check_exposure(settings)
@@ -173,7 +173,7 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
         ("worker", create_worker_app(runtime), socks[0][1])]
     engine_url = None
     if settings.model != "none":
-        from kvctl.server.engine import create_engine_app
+        from kvctl.server.engine.core import create_engine_app
 
         plan.append(("engine", create_engine_app(runtime, settings.model), socks[1][1]))
         engine_url = _url(settings.public_host, socks[1][1])

@@ -39,7 +39,7 @@ async def in_process_api(settings, base_url: str = "http://test") -> AsyncIterat
     app's lifespan (as uvicorn runs it); ``client.runtime`` is the app's worker runtime."""
     import httpx
 
-    from kvctl.server.app import create_app
+    from kvctl.server.http.app import create_app
 
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -142,8 +142,8 @@ def cli_server(tmp_path, cli_env, monkeypatch):
     """The controller app without the engine, served by uvicorn on a loopback port that
     KVCTL_CONTROLLER names; yields the FastAPI app (``app.state.runtime``, ``app.state.url``).
     """
-    from kvctl.server.app import create_app
     from kvctl.server.config import ServerSettings
+    from kvctl.server.http.app import create_app
     from tests.cliutil import serve_app
 
     app = create_app(ServerSettings(model="none", local_disk=str(tmp_path / "disk"),

@@ -6,8 +6,8 @@ import anyio
 import httpx
 import pytest
 
-from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
+from kvctl.server.http.app import create_app
 from tests.conftest import in_process_api
 
 pytestmark = pytest.mark.anyio

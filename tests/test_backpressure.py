@@ -34,8 +34,8 @@ def busy_server(cli_env, monkeypatch, prose_ids, prose_kv):
     """A controller whose queue holds QUEUE jobs and whose one codec thread is held by a
     gate until the test opens it (a codec that is slow for as long as the test needs; a
     real slow job could finish at any moment and make the flood's outcome a race)."""
-    from kvctl.server.app import create_app
     from kvctl.server.config import ServerSettings
+    from kvctl.server.http.app import create_app
 
     app = create_app(ServerSettings(model="none", codec_threads=1, max_queued_jobs=QUEUE))
     gate = threading.Event()
@@ -118,7 +118,7 @@ def test_event_history_is_bounded_by_count_and_age():
 
 def test_retention_settings_reach_the_runtime():
     from kvctl.server.config import ServerSettings
-    from kvctl.server.worker import WorkerRuntime
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     rt = WorkerRuntime(ServerSettings(model="none", max_events=50, event_retention_s=30))
     try:

@@ -225,9 +225,9 @@ def test_gemma3_engine_serves_a_prompt_longer_than_its_window_from_cached_kv(gem
     import anyio
 
     from kvctl.common import bench as b
-    from kvctl.server.app import create_app
     from kvctl.server.config import ServerSettings
-    from kvctl.server.engine import CompletionRequest, Engine
+    from kvctl.server.engine.core import CompletionRequest, Engine
+    from kvctl.server.http.app import create_app
 
     lm, tok = gemma
     prompt = b.SUITE["faq"].read_text(encoding="utf-8")[:3000]

@@ -143,8 +143,8 @@ async def test_a_worker_compresses_with_its_models_profile(prose_kv, model):
     import anyio
     import httpx
 
-    from kvctl.server.app import create_app
     from kvctl.server.config import ServerSettings
+    from kvctl.server.http.app import create_app
 
     chunk = prose_kv[:, :, :256].contiguous()
     ids = list(range(256))
@@ -176,7 +176,7 @@ def test_set_profile_switches_jobs_and_the_remote_tier():
     later jobs and the remote tier's write-through use the profile; none restores equal
     steps."""
     from kvctl.server.config import ServerSettings
-    from kvctl.server.worker import WorkerRuntime
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     rt = WorkerRuntime(ServerSettings(model="none", remote_serde="cachegen"))
     try:

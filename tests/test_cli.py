@@ -438,8 +438,8 @@ def test_events_watch_that_cannot_follow_exits_1(upstream):
 @pytest.fixture
 def engine_url(cli_env):
     from kvctl.server.config import ServerSettings
-    from kvctl.server.engine import create_engine_app
-    from kvctl.server.worker import WorkerRuntime
+    from kvctl.server.engine.core import create_engine_app
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     runtime = WorkerRuntime(ServerSettings(model="none"))
     # a model file that does not exist: the engine app serves its routes without loading

@@ -9,8 +9,8 @@ from fastapi.responses import HTMLResponse
 
 from kvctl.client import ControllerError, NotAController, UntrackedEvents, classify, connect
 from kvctl.errors import KvctlError
-from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
+from kvctl.server.http.app import create_app
 from kvctl.settings import Settings
 from tests.cliutil import INSTANCE, serve_app
 from tests.conftest import free_port
@@ -149,10 +149,10 @@ def test_api_description_is_served_without_a_cdn_page():
 
 def test_no_app_serves_a_cdn_docs_page():
     """The monitor, worker and engine apps have no /docs either (their JSON schema stays)."""
-    from kvctl.server.engine import create_engine_app
+    from kvctl.server.engine.core import create_engine_app
     from kvctl.server.runner import create_monitor_app
-    from kvctl.server.worker import WorkerRuntime
-    from kvctl.server.worker_app import create_worker_app
+    from kvctl.server.worker.app import create_worker_app
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     runtime = WorkerRuntime(ServerSettings(model="none"))
     apps = [create_monitor_app(create_app(ServerSettings(model="none"))),

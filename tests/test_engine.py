@@ -6,9 +6,9 @@ import anyio
 import httpx
 import pytest
 
-from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
-from kvctl.server.engine import Engine, create_engine_app
+from kvctl.server.engine.core import Engine, create_engine_app
+from kvctl.server.http.app import create_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from kvctl.server.auth import check_exposure
 from kvctl.server.config import ConfigError, ServerSettings, build_settings
-from kvctl.server.engine import Engine, create_engine_app
+from kvctl.server.engine.core import Engine, create_engine_app
+from kvctl.server.http.auth import check_exposure
 from tests.conftest import free_port
 from tests.test_hardening_server import redis_with_password, serve  # noqa: F401 (fixture)
 
@@ -130,7 +130,7 @@ def test_every_port_requires_the_token_and_nothing_leaks(served: Served):
 
 
 def test_engine_port_requires_the_token(lm, smollm2_tokenizer):
-    from kvctl.server.worker import WorkerRuntime
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     rt = WorkerRuntime(ServerSettings(model="none", auth_token=TOKEN))
     try:

@@ -22,10 +22,10 @@ import pytest
 import torch
 import uvicorn
 
-from kvctl.server.app import create_app
 from kvctl.server.config import ServerSettings
-from kvctl.server.engine import Engine, create_engine_app
-from kvctl.server.limits import BodyLimit
+from kvctl.server.engine.core import Engine, create_engine_app
+from kvctl.server.http.app import create_app
+from kvctl.server.http.limits import BodyLimit
 from kvctl.server.redact import redact, register_secret
 from kvctl.server.runner import create_monitor_app
 from tests.conftest import free_port
@@ -132,7 +132,7 @@ def test_largest_valid_token_id_is_accepted(stack):
 def test_token_count_is_bounded_by_the_schema():
     from pydantic import ValidationError
 
-    from kvctl.server.schemas import MAX_REQUEST_TOKENS, LookupRequest
+    from kvctl.server.http.schemas import MAX_REQUEST_TOKENS, LookupRequest
 
     assert LookupRequest(tokens=[0] * MAX_REQUEST_TOKENS).tokens[-1] == 0
     with pytest.raises(ValidationError, match="at most"):

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from kvctl.server.app import create_app
 from kvctl.server.config import ConfigError, ServerSettings, build_settings
+from kvctl.server.http.app import create_app
 from tests.conftest import in_process_api
 
 pytestmark = pytest.mark.anyio
@@ -160,7 +160,7 @@ async def test_a_full_store_is_not_an_error(tmp_path):
 
 @pytest.mark.model
 async def test_completion_with_a_full_store_is_served_uncached(lm, smollm2_tokenizer):
-    from kvctl.server.engine import Engine, create_engine_app
+    from kvctl.server.engine.core import Engine, create_engine_app
 
     settings = ServerSettings(model="none", max_local_cpu_size=1000 / 1024**3)
     controller = create_app(settings)

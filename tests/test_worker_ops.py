@@ -19,8 +19,8 @@ def worker(prose_ids, prose_kv):
     """A worker app on loopback whose one codec job thread is held by a gate, with one
     queued job allowed, and the prose prompt stored."""
     from kvctl.server.config import ServerSettings
-    from kvctl.server.worker import WorkerRuntime
-    from kvctl.server.worker_app import create_worker_app
+    from kvctl.server.worker.app import create_worker_app
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     rt = WorkerRuntime(ServerSettings(model="none", codec_threads=1, max_queued_jobs=1))
     rt.store_kv(prose_ids, prose_kv)
@@ -78,8 +78,8 @@ def test_errors_carry_detail_and_kind(worker, prose_ids):
 
 
 def test_full_queue_is_429_with_retry_after_and_the_transport_raises_busy(worker, prose_ids):
+    from kvctl.server.controller.transport import HttpTransport
     from kvctl.server.errors import Busy
-    from kvctl.server.transport import HttpTransport
 
     url, rt = worker
     first = _op(url, "compress", _compress_body(prose_ids))
@@ -104,8 +104,8 @@ def test_full_queue_is_429_with_retry_after_and_the_transport_raises_busy(worker
 
 def test_guards_hold_on_commands(prose_ids):
     from kvctl.server.config import ServerSettings
-    from kvctl.server.worker import WorkerRuntime
-    from kvctl.server.worker_app import create_worker_app
+    from kvctl.server.worker.app import create_worker_app
+    from kvctl.server.worker.runtime import WorkerRuntime
 
     rt = WorkerRuntime(ServerSettings(model="none", auth_token=TOKEN, max_body_bytes=4096))
     auth = {"Authorization": f"Bearer {TOKEN}"}

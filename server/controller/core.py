@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from kvctl.common.events import FAILED, FINISHED, RUNNING, Event
 from kvctl.server.config import ServerSettings
 from kvctl.server.controller.state import ControlState, EventRow, WorkerRecord
+from kvctl.server.controller.transport import HttpTransport, InProcessTransport, WorkerTransport
 from kvctl.server.errors import (
     BadRequest,
     ChecksumMismatch,
@@ -36,8 +37,7 @@ from kvctl.server.errors import (
     WorkerUnavailable,
 )
 from kvctl.server.events import AmbiguousEventId, new_event_id, resolve_prefix
-from kvctl.server.transport import HttpTransport, InProcessTransport, WorkerTransport
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("kvctl.controller")
 

@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvctl.server.metrics import RuntimeCollector
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.worker.metrics import RuntimeCollector
+from kvctl.server.worker.runtime import WorkerRuntime
 
 
 class WorkersCollector(Collector):

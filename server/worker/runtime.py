@@ -11,17 +11,13 @@ or over HTTP (`kvctl worker`).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
@@ -50,21 +46,19 @@ from kvctl.server.storage import (
 )
 from kvctl.server.storage.base import UNKNOWN_CODEC, codec_name, label_for
 from kvctl.server.storage.tiers import TIER_ORDER, TieredStore
+from kvctl.server.worker.jobs import (
+    RAW_METHOD,
+    CodecTimes,
+    checksum,
+    codec_executor,
+    transcode_blob,
+    warm_up_codecs,
+)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("kvctl.server")
-
-RAW_METHOD = "raw"
-
-
-@dataclass
-class CodecTimes:
-    """Cumulative codec seconds and chunk counts per (op, method), for /metrics."""
-
-    seconds: dict[tuple[str, str], float]
-    chunks: dict[tuple[str, str], int]
 
 
 def build_backends(settings: ServerSettings) -> dict[str, StorageBackend]:
@@ -80,74 +74,6 @@ def build_backends(settings: ServerSettings) -> dict[str, StorageBackend]:
         remote.ping()
         backends[RemoteBackend.name] = remote
     return backends
-
-
-def checksum(blob: bytes) -> str:
-    """The digest a chunk travels with between workers."""
-    return hashlib.blake2b(blob, digest_size=16).hexdigest()
-
-
-# Codec work is batch work: the processes that run it yield the CPU to those answering
-# requests (the controller's and the worker's event loops) when both want it.
-CODEC_NICENESS = 10
-
-
-def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
-    with contextlib.suppress(OSError):
-        os.nice(CODEC_NICENESS)
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-    # A pool process outlives a worker killed with SIGKILL (nothing tells it); it watches
-    # its owner instead and leaves with it.
-    threading.Thread(target=_exit_with, args=(owner_pid,), daemon=True,
-                     name="kvctl-owner-watch").start()
-
-
-def _exit_with(owner_pid: int) -> None:
-    while True:
-        time.sleep(1.0)
-        try:
-            os.kill(owner_pid, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # pid reused by another user's process: the owner is gone
-            os._exit(0)
-
-
-def transcode_blob(blob: bytes, codec: str, params_json: str, device: str
-                   ) -> tuple[bytes, float]:
-    """Decode a chunk blob and encode it with codec ``codec`` built from ``params_json``
-    (its params, a model's step profile included); runs in a codec process.
-
-    Only bytes and strings cross the process boundary (the pool's own pipe between processes
-    this worker started); blobs are parsed by the codecs' format, never unpickled.
-    """
-    t0 = time.perf_counter()
-    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device))
-    return new, time.perf_counter() - t0
-
-
-def _warm_up_codecs() -> None:
-    """Compile (or load the cache of) the JIT coders, so the first real job does not pay."""
-    import torch
-
-    kv = torch.randn(1, 2, 4, 1, 8, dtype=torch.float16)
-    for method in ("cachegen", RAW_METHOD):
-        decode_blob(codec_for_method(method).encode(kv))
-
-
-def _codec_executor(settings: ServerSettings) -> Executor:
-    if settings.codec_pool == "thread":
-        return ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-codec")
-    # forkserver: children fork from a clean server that has already imported the codecs
-    # (no fork of a threaded parent, and no torch import per child).
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["kvctl.codecs", "torch"])
-    return ProcessPoolExecutor(settings.codec_threads, mp_context=ctx,
-                               initializer=_init_codec_process,
-                               initargs=(settings.torch_threads or 1, os.getpid()))
 
 
 class WorkerRuntime:
@@ -169,7 +95,7 @@ class WorkerRuntime:
         self._stats_lock = threading.Lock()
         # Jobs: one thread per running codec job; the codec work itself goes to _codec.
         self._pool = ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-job")
-        self._codec = _codec_executor(settings)
+        self._codec = codec_executor(settings)
         # clear/pin/move must not queue behind long codec jobs
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="kvctl-io")
         self._raw = get_codec(RAW_METHOD)
@@ -188,7 +114,7 @@ class WorkerRuntime:
                                  codec_for(settings.remote_method, self.profile),
                                  settings.save_unfull_chunk, settings.chunk_size, self.device)
         for _ in range(settings.codec_threads):
-            self._codec.submit(_warm_up_codecs).add_done_callback(_log_warm_up)
+            self._codec.submit(warm_up_codecs).add_done_callback(_log_warm_up)
 
     # ---- validation -------------------------------------------------------------------
     def check_instance(self, instance_id: str) -> None:

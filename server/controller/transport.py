@@ -1,7 +1,7 @@
 """How the controller reaches a worker: one interface, two transports.
 
 `InProcessTransport` calls the worker object of `kvctl serve` directly; `HttpTransport` talks
-to a `kvctl worker` process. Both dispatch through `kvctl.server.worker_ops.WORKER_OPS`, both
+to a `kvctl worker` process. Both dispatch through `kvctl.server.worker.ops.WORKER_OPS`, both
 raise the worker's domain errors as the same classes, and an unreachable or slow worker is a
 `WorkerUnavailable` after at most the configured timeout, never a hang.
 """
@@ -21,10 +21,11 @@ from kvctl.server.errors import (
     WorkerUnavailable,
     error_from_kind,
 )
-from kvctl.server.http_pool import HttpError, HttpPool, Reply
+from kvctl.server.http.pool import HttpError, HttpPool, Reply
 from kvctl.server.storage import StorageError
-from kvctl.server.worker import WorkerRuntime, checksum
-from kvctl.server.worker_ops import INLINE_OPS, LOCAL_QUICK_OPS, WORKER_OPS
+from kvctl.server.worker.jobs import checksum
+from kvctl.server.worker.ops import INLINE_OPS, LOCAL_QUICK_OPS, WORKER_OPS
+from kvctl.server.worker.runtime import WorkerRuntime
 
 # Chunk bytes travel as the body; what they are travels in these headers.
 NUM_TOKENS_HEADER = "x-kvctl-num-tokens"
@@ -96,7 +97,7 @@ class InProcessTransport(WorkerTransport):
 
 
 class HttpTransport(WorkerTransport):
-    """A `kvctl worker` process, over its HTTP command API (`kvctl.server.worker_app`)."""
+    """A `kvctl worker` process, over its HTTP command API (`kvctl.server.worker.app`)."""
 
     def __init__(self, url: str, instance_id: str, timeout_s: float,
                  auth_token: str | None = None) -> None:

@@ -18,10 +18,10 @@ from kvctl import __version__
 from kvctl.server import errors
 from kvctl.server.config import ServerSettings
 from kvctl.server.controller import Controller, open_state
-from kvctl.server.limits import install_guards
-from kvctl.server.routers import cache, cluster, events
+from kvctl.server.http.limits import install_guards
+from kvctl.server.http.routers import cache, cluster, events
 from kvctl.server.storage import StorageError
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
@@ -71,7 +71,7 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Domain errors, storage failures and invalid bodies, as JSON (body size, host and
-    token checks are `kvctl.server.limits.install_guards`)."""
+    token checks are `kvctl.server.http.limits.install_guards`)."""
 
     @app.exception_handler(errors.DomainError)
     async def _domain_error(_: Request, exc: errors.DomainError) -> JSONResponse:
@@ -95,7 +95,7 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     ``runtime`` when given (shared with the engine); without, it only routes to workers that
     register. ``self_url`` is where other processes reach this app.
     """
-    from kvctl.server import worker_app
+    from kvctl.server.worker import app as worker_app
 
     settings = settings or ServerSettings()
 

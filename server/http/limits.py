@@ -173,7 +173,7 @@ def install_guards(app: Any, settings: Any) -> None:
     """Wrap a FastAPI/Starlette ``app`` in every guard, configured from ``settings``
     (``max_body_bytes``, ``allowed_hosts``, ``auth_token``, and ``remote_url`` whose password
     is registered for redaction). Call once per app, before it starts."""
-    from kvctl.server.auth import BearerAuth
+    from kvctl.server.http.auth import BearerAuth
 
     redact.install_logging()
     redact.register_url(settings.remote_url)

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvctl.codecs import available_methods
-from kvctl.server.routers.cache import controller
-from kvctl.server.schemas import (
+from kvctl.server.http.routers.cache import controller
+from kvctl.server.http.schemas import (
     CodecList,
     HealthRequest,
     HealthResponse,

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from kvctl.server.app import error_response
+from kvctl.server.controller.transport import CHECKSUM_HEADER, NUM_TOKENS_HEADER, InProcessTransport
 from kvctl.server.errors import (
     BadRequest,
     DomainError,
@@ -21,11 +21,11 @@ from kvctl.server.errors import (
     UnknownInstance,
     UnknownMethod,
 )
-from kvctl.server.limits import ASGIApp, Receive, Scope, Send
+from kvctl.server.http.app import error_response
+from kvctl.server.http.limits import ASGIApp, Receive, Scope, Send
 from kvctl.server.storage import StorageError
-from kvctl.server.transport import CHECKSUM_HEADER, NUM_TOKENS_HEADER, InProcessTransport
-from kvctl.server.worker import WorkerRuntime
-from kvctl.server.worker_ops import WORKER_OPS
+from kvctl.server.worker.ops import WORKER_OPS
+from kvctl.server.worker.runtime import WorkerRuntime
 
 router = APIRouter(prefix="/worker", tags=["worker"], include_in_schema=False)
 
@@ -151,8 +151,8 @@ async def put_chunk(location: str, key: str, request: Request) -> dict[str, Any]
 def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     """The HTTP app of a `kvctl worker` process."""
     from kvctl import __version__
-    from kvctl.server.app import install_error_handlers
-    from kvctl.server.limits import install_guards
+    from kvctl.server.http.app import install_error_handlers
+    from kvctl.server.http.limits import install_guards
 
     app = FastAPI(title="kvctl worker", version=__version__, docs_url=None, redoc_url=None)
     app.state.runtime = runtime

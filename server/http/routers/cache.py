@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from kvctl.common.events import Event
 from kvctl.server.controller import Controller
-from kvctl.server.schemas import (
+from kvctl.server.http.schemas import (
     ClearRequest,
     CompressRequest,
     LookupRequest,

@@ -25,11 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvctl.common.calibration import profile_for
 from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
-from kvctl.server.app import describe_validation
-from kvctl.server.limits import install_guards
-from kvctl.server.schemas import Text, TokenIds
+from kvctl.server.http.app import describe_validation
+from kvctl.server.http.limits import install_guards
+from kvctl.server.http.schemas import Text, TokenIds
 from kvctl.server.storage import StorageError
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("kvctl.engine")
 

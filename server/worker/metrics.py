@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.worker.runtime import WorkerRuntime
 
 
 class RuntimeCollector(Collector):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kvctl.server.worker import WorkerRuntime
+from kvctl.server.worker.runtime import WorkerRuntime
 
 Op = Callable[[WorkerRuntime, dict[str, Any]], Any]
 

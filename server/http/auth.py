@@ -15,7 +15,7 @@ import ipaddress
 import os
 
 from kvctl.server import redact
-from kvctl.server.limits import ASGIApp, Receive, Scope, Send, _answer, _header
+from kvctl.server.http.limits import ASGIApp, Receive, Scope, Send, _answer, _header
 
 ENV = "KVCTL_AUTH_TOKEN"
 MIN_TOKEN_CHARS = 16

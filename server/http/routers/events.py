@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from kvctl.common.events import STATUS_PATTERN, Event
-from kvctl.server.routers.cache import controller
-from kvctl.server.schemas import CheckFinishRequest, CheckFinishResponse, EventList
+from kvctl.server.http.routers.cache import controller
+from kvctl.server.http.schemas import CheckFinishRequest, CheckFinishResponse, EventList
 
 router = APIRouter(tags=["events"])
 

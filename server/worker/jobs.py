@@ -1,0 +1,98 @@
+"""Codec jobs: the process pool that runs a chunk's decode + encode off the serving process.
+
+Only bytes and strings cross into the pool; a blob is parsed by the codecs' format, never
+unpickled. The pool's processes run niced and leave when their owner dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kvctl.codecs import codec_for_method, decode_blob, get_codec
+from kvctl.server.config import ServerSettings
+
+RAW_METHOD = "raw"
+
+
+@dataclass
+class CodecTimes:
+    """Cumulative codec seconds and chunk counts per (op, method), for /metrics."""
+
+    seconds: dict[tuple[str, str], float]
+    chunks: dict[tuple[str, str], int]
+
+
+def checksum(blob: bytes) -> str:
+    """The digest a chunk travels with between workers."""
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+# Codec work is batch work: the processes that run it yield the CPU to those answering
+# requests (the controller's and the worker's event loops) when both want it.
+CODEC_NICENESS = 10
+
+
+def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.nice(CODEC_NICENESS)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    # A pool process outlives a worker killed with SIGKILL (nothing tells it); it watches
+    # its owner instead and leaves with it.
+    threading.Thread(target=_exit_with, args=(owner_pid,), daemon=True,
+                     name="kvctl-owner-watch").start()
+
+
+def _exit_with(owner_pid: int) -> None:
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # pid reused by another user's process: the owner is gone
+            os._exit(0)
+
+
+def transcode_blob(blob: bytes, codec: str, params_json: str, device: str
+                   ) -> tuple[bytes, float]:
+    """Decode a chunk blob and encode it with codec ``codec`` built from ``params_json``
+    (its params, a model's step profile included); runs in a codec process.
+
+    Only bytes and strings cross the process boundary (the pool's own pipe between processes
+    this worker started); blobs are parsed by the codecs' format, never unpickled.
+    """
+    t0 = time.perf_counter()
+    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device))
+    return new, time.perf_counter() - t0
+
+
+def warm_up_codecs() -> None:
+    """Compile (or load the cache of) the JIT coders, so the first real job does not pay."""
+    import torch
+
+    kv = torch.randn(1, 2, 4, 1, 8, dtype=torch.float16)
+    for method in ("cachegen", RAW_METHOD):
+        decode_blob(codec_for_method(method).encode(kv))
+
+
+def codec_executor(settings: ServerSettings) -> Executor:
+    if settings.codec_pool == "thread":
+        return ThreadPoolExecutor(settings.codec_threads, thread_name_prefix="kvctl-codec")
+    # forkserver: children fork from a clean server that has already imported the codecs
+    # (no fork of a threaded parent, and no torch import per child).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["kvctl.codecs", "torch"])
+    return ProcessPoolExecutor(settings.codec_threads, mp_context=ctx,
+                               initializer=_init_codec_process,
+                               initargs=(settings.torch_threads or 1, os.getpid()))
