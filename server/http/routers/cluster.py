@@ -73,5 +73,6 @@ async def metrics(request: Request) -> Response:
 
     ctl = controller(request)
     views = await ctl.workers()
-    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views)
+    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views,
+                                   getattr(request.app.state, "request_metrics", None))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
