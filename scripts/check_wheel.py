@@ -271,6 +271,12 @@ def main() -> int:
         n = check_imports(bindir, wheel, work / "venv")
         print(f"clean venv: kvctl --help ok, {n} modules import "
               f"({time.monotonic() - t0:.0f} s)", flush=True)
+        # The codecs' JIT cache lives in the installed package: compile it once here, as a
+        # worker's start-up warm-up would. A worker stopped while that compile runs waits
+        # for it (minutes on a busy machine), which is not what this check is about.
+        subprocess.run([str(bindir / "python"), "-c", "from kvctl.server.worker.jobs import "
+                        "warm_up_codecs; warm_up_codecs()"], check=True, cwd=work, timeout=600)
+        print(f"clean venv: codecs compiled ({time.monotonic() - t0:.0f} s)", flush=True)
         run_servers(bindir, work)
         print(f"clean venv: kvctl serve and kvctl worker (--model none) ready, worker "
               f"registered, /metrics served ({time.monotonic() - t0:.0f} s)", flush=True)
