@@ -298,7 +298,7 @@ def test_watch_all_with_nothing_running(cli_server):
 # ------------------------------------------------------------------------ cluster ----
 def test_health_workers_codecs(cli_server):
     r = run_cli("health", "--json")
-    assert set(json.loads(r.stdout)["error_codes"].values()) == {0}
+    assert json.loads(r.stdout)["instances"][INSTANCE]["error_codes"] == {"0": 0}
     assert "healthy" in run_cli("health").stdout
     [w] = json.loads(run_cli("workers", "--json").stdout)["workers"]
     assert w["instance_id"] == INSTANCE and w["state"] == "alive"
@@ -543,7 +543,7 @@ def test_5xx_shows_detail_and_markup_is_not_interpreted(faulty):
 
 
 def test_non_json_reply_from_a_controller(faulty):
-    r = run_cli("health", expected_exit_code=1)
+    r = run_cli("--instance-id", "i", "health", expected_exit_code=1)
     assert r.stderr.startswith(f"error: the controller at {faulty} answered /health with "
                                "something that is not JSON: '<html>proxy error</html>'")
 

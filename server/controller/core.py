@@ -308,10 +308,16 @@ class Controller:
             raise UnknownEvent(f"unknown event_id {event_id!r} ({where})")
         return (await self._refresh([row]))[0].event
 
-    async def list_events(self, status: str | None, limit: int | None) -> list[Event]:
-        rows = await self.state.list_events(self.settings.max_events if status or not limit
+    async def list_events(self, status: str | None, limit: int | None,
+                          instance_id: str | None = None, method: str | None = None
+                          ) -> list[Event]:
+        filtered = bool(status or instance_id or method)
+        rows = await self.state.list_events(self.settings.max_events if filtered or not limit
                                             else limit)
-        evs = [r.event for r in await self._refresh(rows) if status in (None, r.event.status)]
+        evs = [r.event for r in await self._refresh(rows)
+               if status in (None, r.event.status)
+               and instance_id in (None, r.event.instance_id)
+               and (method is None or method_matches(r.event.method, method))]
         return evs[-limit:] if limit else evs
 
     async def _refresh(self, rows: list[EventRow]) -> list[EventRow]:
@@ -411,6 +417,11 @@ class Controller:
                 "last_heartbeat_time": rec.last_heartbeat,
                 "heartbeat_age_s": round(now - rec.last_heartbeat, 3),
                 "chunk_size": rec.chunk_size, "locations": locations}
+
+
+def method_matches(have: str | None, want: str) -> bool:
+    """``want`` names the method exactly (``kivi-2``) or its codec, every level (``kivi``)."""
+    return have is not None and (have == want or have.startswith(want + "-"))
 
 
 def _fail(ev: Event, reason: str) -> None:

@@ -111,6 +111,12 @@ class LocationInfo(BaseModel):
     bytes: int
     capacity_bytes: int | None
     pinned_chunks: int
+    # since the worker started; absent from workers of older kvctl releases (0, empty)
+    bytes_by_codec: dict[str, int] = Field(default_factory=dict, max_length=64)
+    hits: int = 0
+    misses: int = 0
+    read_failures: int = 0
+    evictions: int = 0
 
 
 class WorkerInfo(BaseModel):
