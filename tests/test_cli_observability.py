@@ -10,10 +10,11 @@ import json
 
 import httpx
 import torch
+from fastapi import FastAPI
 
 from kvctl.codecs import get_codec
 from kvctl.server.worker.jobs import checksum
-from tests.cliutil import INSTANCE, run_cli
+from tests.cliutil import INSTANCE, run_cli, serve_app
 from tests.conftest import free_port
 
 DISK = "LocalDiskBackend"
@@ -117,3 +118,28 @@ def test_events_list_filters_and_shows_instance_and_error(cli_server):
         "no events with instance nope\n")
     r = run_cli("events", "list", "--method", " ", expected_exit_code=2)
     assert "--method needs a value" in r.stderr
+
+
+def upstream_with_health() -> FastAPI:
+    """Upstream LMCache's controller: per-instance /health, no /workers to list a cluster."""
+    app = FastAPI()
+
+    @app.post("/compress")
+    async def compress() -> dict:
+        return {"event_id": "ev-1", "num_tokens": 12}
+
+    @app.post("/health")
+    async def health(body: dict) -> dict:
+        return {"event_id": "h-1", "error_codes": {"0": 0} if body.get("instance_id") ==
+                INSTANCE else {}}
+
+    return app
+
+
+def test_health_on_upstream_lmcache_asks_for_the_default_instance(cli_env):
+    with serve_app(upstream_with_health()) as url:
+        r = run_cli("health", "--json", "--controller", url)
+        assert json.loads(r.stdout)["error_codes"] == {"0": 0}
+        r = run_cli("--instance-id", "other", "health", "--controller", url,
+                    expected_exit_code=1)
+        assert r.stderr == "error: other: no workers registered\n"
