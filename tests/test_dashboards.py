@@ -11,7 +11,10 @@ whatever the model does; loading SmolLM2 here would only cost time).
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +179,29 @@ def test_every_dashboard_and_alert_expression_names_exported_metrics(
         if unknown := sorted(labels_in(expr) - known):
             problems.append(f"labels {unknown} on none of {sorted(names)}: {expr}")
     assert problems == []
+
+
+def promtool() -> str:
+    """Prometheus' own checker: on PATH, or KVCTL_PROMTOOL (.ci/run installs it as root)."""
+    found = os.environ.get("KVCTL_PROMTOOL") or shutil.which("promtool")
+    if not found:
+        pytest.skip("promtool is not installed (Debian: the prometheus package)")
+    return found
+
+
+def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
+    """Prometheus parses the alert rules, and every dashboard query as a recording rule."""
+    tool = promtool()
+    r = subprocess.run([tool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Grafana's $__rate_interval is a duration the server fills in
+    rules = [{"record": f"kvctl:dashboard:{i}", "expr": e.replace("$__rate_interval", "5m")}
+             for i, e in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    r = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in r.stdout + r.stderr
 
 
 def test_the_check_finds_a_wrong_name() -> None:
