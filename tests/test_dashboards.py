@@ -181,12 +181,17 @@ def test_every_dashboard_and_alert_expression_names_exported_metrics(
     assert problems == []
 
 
-def promtool() -> str:
-    """Prometheus' own checker: on PATH, or KVCTL_PROMTOOL (.ci/run installs it as root)."""
-    found = os.environ.get("KVCTL_PROMTOOL") or shutil.which("promtool")
+def prometheus_tool(name: str) -> str:
+    """``promtool`` or ``prometheus``: on PATH, or KVCTL_PROMTOOL / KVCTL_PROMETHEUS (.ci/run
+    installs both, from Debian's prometheus package, as root)."""
+    found = os.environ.get(f"KVCTL_{name.upper()}") or shutil.which(name)
     if not found:
-        pytest.skip("promtool is not installed (Debian: the prometheus package)")
+        pytest.skip(f"{name} is not installed (Debian: the prometheus package)")
     return found
+
+
+def promtool() -> str:
+    return prometheus_tool("promtool")
 
 
 def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
@@ -209,3 +214,64 @@ def test_the_check_finds_a_wrong_name() -> None:
     assert names_in("rate(kvctl_tier_hit_total[5m])") == {"kvctl_tier_hit_total"}
     assert labels_in('sum by (tier) (kvctl_store_bytes{codec="x"})') == {"tier", "codec"}
     assert labels_in("rate(kvctl_tier_hits_total[$__rate_interval])") == set()
+
+
+def query(prom: str, expr: str) -> dict:
+    return httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=10).json()
+
+
+def test_prometheus_evaluates_every_expression_on_real_scrapes(cluster: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    """A real Prometheus scrapes the three ports, loads the alert rules and answers every
+    dashboard query without an error; the cluster's basic series are there."""
+    exe = prometheus_tool("prometheus")
+    port = free_port()
+    hostport = {k: cluster[k].removeprefix("http://") for k in ("monitor", "worker", "engine")}
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": f"kvctl-{k}", "static_configs": [{"targets": [v]}]}
+                           for k, v in hostport.items()]}))
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen([exe, f"--config.file={cfg}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    prom = f"http://127.0.0.1:{port}"
+    try:
+        def scraped_thrice() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prometheus exited:\n{log.read_text()[-2000:]}")
+            try:
+                r = query(prom, "min(count_over_time(up[1m])) >= 3 and min(up) == 1")
+            except httpx.HTTPError:
+                return False
+            return bool(r.get("data", {}).get("result")) and \
+                len(query(prom, "up")["data"]["result"]) == 3
+
+        wait_for(scraped_thrice, 60, "prometheus did not scrape the three ports")
+        problems = []
+        for expr in dashboard_exprs() + alert_exprs():
+            r = query(prom, expr.replace("$__rate_interval", "1m"))
+            if r.get("status") != "success":
+                problems.append(f"{r.get('error')}: {expr}")
+        assert problems == []
+        for expr in ("kvctl_worker_up", "sum by (state) (kvctl_workers)",
+                     "sum by (app) (rate(kvctl_http_request_duration_seconds_count[1m]))",
+                     "sum by (location, codec) (kvctl_store_codec_bytes)",
+                     "kvctl_engine_running", "kvctl_worker_registered"):
+            assert query(prom, expr)["data"]["result"], expr
+
+        def rules_evaluated() -> list[dict] | None:
+            groups = httpx.get(prom + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            return rules if rules and all(r["health"] != "unknown" for r in rules) else None
+
+        rules = wait_for(rules_evaluated, 30, "prometheus did not evaluate the alert rules")
+        assert len(rules) == len(alert_exprs())
+        assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    finally:
+        proc.terminate()
+        proc.wait(30)
