@@ -64,16 +64,18 @@ def _exit_with(owner_pid: int) -> None:
             os._exit(0)
 
 
-def transcode_blob(blob: bytes, codec: str, params_json: str, device: str
-                   ) -> tuple[bytes, float]:
+def transcode_blob(blob: bytes, codec: str, params_json: str, device: str,
+                   history: tuple[str, ...] = ()) -> tuple[bytes, float]:
     """Decode a chunk blob and encode it with codec ``codec`` built from ``params_json``
-    (its params, a model's step profile included); runs in a codec process.
+    (its params, a model's step profile included), recording ``history`` (the lossy methods
+    the KV has been through) in the new blob; runs in a codec process.
 
     Only bytes and strings cross the process boundary (the pool's own pipe between processes
     this worker started); blobs are parsed by the codecs' format, never unpickled.
     """
     t0 = time.perf_counter()
-    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device))
+    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device),
+                                                             history=history)
     return new, time.perf_counter() - t0
 
 
