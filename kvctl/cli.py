@@ -224,7 +224,8 @@ def root(
     ] = None,
     instance_id: Annotated[str | None, typer.Option(
         "--instance-id", metavar="ID", show_default=False, rich_help_panel="Global options",
-        help=f"LMCache instance. \\[env KVCTL_INSTANCE_ID; default {DEFAULT_INSTANCE_ID}]")
+        help="LMCache instance. \\[env KVCTL_INSTANCE_ID; default: the only instance "
+             f"registered with the controller, else {DEFAULT_INSTANCE_ID}]")
     ] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", rich_help_panel="Global options",

@@ -266,7 +266,11 @@ class ControllerClient:
                                  "(upstream LMCache's has no /workers; `kvctl serve` does); "
                                  "use `kvctl health`") from None
             raise
-        return list(reply.get("workers", []))
+        found = reply.get("workers") if isinstance(reply, dict) else None
+        if not isinstance(found, list) or not all(isinstance(w, dict) for w in found):
+            raise KvctlError(f"the controller at {self.base_url} answered /workers with "
+                             f"something that is not a worker list: {str(reply)[:200]!r}")
+        return found
 
     def codecs(self) -> dict[str, Any]:
         try:

@@ -10,9 +10,11 @@ from kvctl.state import state
 
 
 def health(ctx: typer.Context) -> None:
-    """Error code of each worker of an instance (0 = healthy); exit 1 if any is not."""
+    """Error code of each worker of an instance (0 = healthy); exit 1 if any is not.
+
+    Without --instance-id: the only instance registered (several: name one)."""
     st = state(ctx)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     with st.client() as client:
         reply = client.health(inst)
     codes = reply.get("error_codes") or {}
