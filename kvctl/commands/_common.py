@@ -49,10 +49,10 @@ def parse_token_ids(text: str, source: str = "--tokens") -> list[int]:
 
 
 def read_prompt(prompt: str) -> str:
+    """The prompt text; ``-`` reads stdin exactly as it is, a final newline included: a
+    prompt file sent to the engine had it too, and its tokens count."""
     if prompt == "-":
-        text = sys.stdin.read()
-        # a trailing newline from `echo` is not part of the prompt
-        return text[:-1] if text.endswith("\n") else text
+        return sys.stdin.read()
     return prompt
 
 
