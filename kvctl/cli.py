@@ -261,9 +261,9 @@ app.add_typer(config_cmd.app, name="config", rich_help_panel="Settings")
 
 
 @app.command("config-path", hidden=True)
-def config_path() -> None:
+def config_path(ctx: typer.Context) -> None:
     """Print the path of the settings file (the older spelling of `kvctl config path`)."""
-    config_cmd.path()
+    config_cmd.path(ctx)
 
 
 def main() -> None:

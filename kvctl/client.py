@@ -298,6 +298,11 @@ class ControllerClient:
 
         Raises UntrackedEvents when the controller cannot say anything about events.
         """
+        if not event_id.strip():
+            from kvctl.errors import UsageError
+
+            raise UsageError("the event id is empty: give an id or a prefix of one "
+                             "(`kvctl events list` shows them)")
         try:
             return self.request("GET", f"/events/{event_id}")
         except ControllerError as exc:

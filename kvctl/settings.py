@@ -70,6 +70,27 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def check_url(url: str, source: str) -> str:
+    """The controller URL, normalized; one that is not a single http(s) URL is a usage error
+    naming where it came from."""
+    import httpx
+
+    norm = normalize_url(url)
+    if "," in norm:
+        raise UsageError(f"controller from {source}: {url!r} names several addresses; kvctl "
+                         "talks to one controller (two controllers sharing a --state serve "
+                         "the same events and workers: name either)")
+    try:
+        parsed = httpx.URL(norm)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host) and " " not in norm
+    except httpx.InvalidURL:
+        ok = False
+    if not ok:
+        raise UsageError(f"controller from {source}: {url!r} is not an http(s) URL or "
+                         "host:port")
+    return norm
+
+
 @dataclass(frozen=True)
 class Settings:
     """The effective settings of one invocation; ``sources`` says where each came from
@@ -125,6 +146,7 @@ def resolve(flags: Flags | None = None) -> Settings:
     if not timeout > 0:
         raise UsageError(f"timeout from {sources['timeout']} must be > 0, got {timeout:g}")
     token = values["auth_token"]
-    return Settings(controller=normalize_url(str(values["controller"])), timeout=timeout,
+    return Settings(controller=check_url(str(values["controller"]), sources["controller"]),
+                    timeout=timeout,
                     tokenizer=str(values["tokenizer"]), instance_id=str(values["instance_id"]),
                     auth_token=str(token) if token else None, sources=sources)

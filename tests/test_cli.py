@@ -629,3 +629,45 @@ def test_ctrl_c_stops_watching_with_130(cli_env):
                 proc.kill()
     assert proc.returncode == 130
     assert err == "error: stopped watching; the events keep running on the controller\n"
+
+
+# ------------------------------------------------------------- small new-user finds ----
+def test_watch_piped_ends_with_a_newline(cli_server):
+    ids = list(range(1000, 1300))
+    store(cli_server, ids)
+    ev = json.loads(run_cli("compress", "--tokens", ids_arg(ids), "--json").stdout)
+    ended(cli_server, ev["event_id"])
+    r = run_cli("events", "watch", ev["event_id"])
+    assert r.stdout.endswith("\n") and "finished" in r.stdout.splitlines()[-1]
+
+
+def test_several_controllers_or_a_bad_url_is_a_usage_error(cli_env):
+    r = run_cli("--controller", "localhost:9000,localhost:9100", "codecs",
+                expected_exit_code=2)
+    assert r.stderr.startswith("error: controller from --controller: "
+                               "'localhost:9000,localhost:9100' names several addresses")
+    assert "unexpected" not in r.stderr
+    r = run_cli("--controller", "ftp://x", "codecs", expected_exit_code=2)
+    assert r.stderr == ("error: controller from --controller: 'ftp://x' is not an http(s) "
+                        "URL or host:port\n")
+
+
+def test_events_show_of_an_empty_id_says_so(cli_env):
+    r = run_cli("events", "show", "", expected_exit_code=2)
+    assert r.stderr.startswith("error: the event id is empty")
+
+
+def test_config_path_json(cli_env):
+    assert json.loads(run_cli("config", "path", "--json").stdout) == {
+        "config_file": str(cli_env), "exists": False}
+    cli_env.write_text("timeout: 3\n")
+    assert json.loads(run_cli("--json", "config", "path").stdout)["exists"] is True
+    assert run_cli("config", "path").stdout == f"{cli_env}\n"
+
+
+def test_get_health_answers(cli_server):
+    import httpx
+
+    r = httpx.get(cli_server.state.url + "/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "error_codes": {f"{INSTANCE}/0": 0}}

@@ -157,6 +157,12 @@ class WorkerInfoResponse(BaseModel):
     worker_infos: list[WorkerInfo]
 
 
+class ClusterHealth(BaseModel):
+    status: Literal["ok"]
+    # "instance_id/worker_id" -> 0 healthy, 1 a storage location failed, 2 dead
+    error_codes: dict[str, int]
+
+
 class HealthRequest(_Body):
     instance_id: str
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from kvctl.codecs import available_methods
 from kvctl.server.http.routers.cache import controller
 from kvctl.server.http.schemas import (
+    ClusterHealth,
     CodecList,
     HealthRequest,
     HealthResponse,
@@ -31,6 +32,15 @@ async def health(body: HealthRequest, request: Request) -> HealthResponse:
     return HealthResponse(event_id=f"health-{uuid.uuid4().hex}",
                           error_codes={v["worker_id"]: v["error_code"] for v in views},
                           workers=views)  # type: ignore[arg-type]
+
+
+@router.get("/health", response_model=ClusterHealth)
+async def cluster_health(request: Request) -> ClusterHealth:
+    """The controller answers, with the error code of every registered worker (a probe's
+    GET; LMCache's POST /health asks about one instance)."""
+    views = await controller(request).workers()
+    return ClusterHealth(status="ok", error_codes={
+        f"{v['instance_id']}/{v['worker_id']}": v["error_code"] for v in views})
 
 
 @router.post("/query_worker_info", response_model=WorkerInfoResponse)
