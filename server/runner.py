@@ -180,7 +180,7 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
     beat = Heartbeat(runtime, urls, _url(settings.public_host, socks[0][1]), engine_url,
                      settings.heartbeat_interval_s)
     try:
-        serve_apps(plan, access_log, background=beat.run)
+        serve_apps(plan, access_log, background=beat.run, on_stop=beat.deregister)
     finally:
         runtime.close()
 
@@ -214,6 +214,32 @@ class Heartbeat:
                 except Exception:  # never let the loop die: the engine must keep serving
                     log.exception("heartbeat failed")
                 await asyncio.sleep(self.interval_s)
+
+    async def deregister(self) -> None:
+        """Tell the controller this worker is stopping, so it is shown dead at once (and
+        not alive until dead_after_s has passed). Best effort: a controller that does not
+        answer within a second learns it from the missing heartbeats instead."""
+        import httpx
+
+        base = self.registered_with
+        if base is None:
+            return
+        headers = client_headers(self.runtime.settings.auth_token)
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(1.0),
+                                         headers=headers) as http:
+                r = await http.post(base + "/workers/deregister",
+                                    json={"instance_id": self.runtime.instance_id,
+                                          "url": self.url})
+            if r.status_code == 200:
+                log.info("instance %s deregistered from the controller at %s",
+                         self.runtime.instance_id, base)
+                return
+            why = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            why = type(exc).__name__
+        log.warning("could not deregister from %s (%s); it will see the worker dead after "
+                    "its heartbeats stop", base, why)
 
     async def beat(self, http: Any) -> None:
         import httpx
@@ -267,8 +293,10 @@ async def _freeze_heap(apps: list[FastAPI]) -> None:
 
 
 def serve_apps(plan: list[tuple[str, FastAPI, socket.socket]], access_log: bool,
-               background: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run uvicorn servers (and a background coroutine) in one loop until SIGINT/SIGTERM."""
+               background: Callable[[], Awaitable[None]] | None = None,
+               on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run uvicorn servers (and a background coroutine) in one loop until SIGINT/SIGTERM;
+    then ``on_stop`` runs, once the background coroutine has been cancelled."""
     import uvicorn
 
     servers = []
@@ -307,6 +335,8 @@ def serve_apps(plan: list[tuple[str, FastAPI, socket.socket]], access_log: bool,
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            if on_stop is not None:
+                await on_stop()
 
     try:
         import uvloop  # libuv's loop: less CPU per request than asyncio's own

@@ -145,6 +145,15 @@ class HeartbeatRequest(_Body):
     pid: int | None = None
 
 
+class DeregisterRequest(_Body):
+    instance_id: str
+    url: str = Field(description="the URL the worker registered with")
+
+
+class DeregisterResponse(BaseModel):
+    stopped: bool  # false: no such worker registered at that URL (nothing changed)
+
+
 class HeartbeatResponse(BaseModel):
     heartbeat_interval_s: float
     dead_after_s: float

@@ -11,6 +11,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -41,6 +42,9 @@ CODEC_NICENESS = 10
 
 
 def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
+    # Ctrl-C reaches the whole process group: the owner stops the pool in order; a child
+    # must not die mid-wait on its own (and print a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(CODEC_NICENESS)
     if torch_threads:

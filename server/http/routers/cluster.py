@@ -13,6 +13,8 @@ from kvctl.server.http.routers.cache import controller
 from kvctl.server.http.schemas import (
     ClusterHealth,
     CodecList,
+    DeregisterRequest,
+    DeregisterResponse,
     HealthRequest,
     HealthResponse,
     HeartbeatRequest,
@@ -69,6 +71,12 @@ async def register(body: HeartbeatRequest, request: Request) -> HeartbeatRespons
 async def heartbeat(body: HeartbeatRequest, request: Request) -> HeartbeatResponse:
     """A worker is alive; its storage numbers ride along. Unknown workers are registered."""
     return HeartbeatResponse(**await controller(request).heartbeat(body.model_dump(), False))
+
+
+@router.post("/workers/deregister", response_model=DeregisterResponse)
+async def deregister(body: DeregisterRequest, request: Request) -> DeregisterResponse:
+    """A worker stops cleanly: it is shown dead at once; a later register revives it."""
+    return DeregisterResponse(stopped=await controller(request).deregister(body.model_dump()))
 
 
 @router.get("/codecs", response_model=CodecList)
