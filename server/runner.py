@@ -168,6 +168,7 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
     except OSError:
         socks[0][1].close()
         raise
+    host = advertised_host(settings, urls[0])
     runtime = WorkerRuntime(settings)
     plan: list[tuple[str, FastAPI, socket.socket]] = [
         ("worker", create_worker_app(runtime), socks[0][1])]
@@ -176,13 +177,39 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
         from kvctl.server.engine.core import create_engine_app
 
         plan.append(("engine", create_engine_app(runtime, settings.model), socks[1][1]))
-        engine_url = _url(settings.public_host, socks[1][1])
-    beat = Heartbeat(runtime, urls, _url(settings.public_host, socks[0][1]), engine_url,
+        engine_url = _url(host, socks[1][1])
+    beat = Heartbeat(runtime, urls, _url(host, socks[0][1]), engine_url,
                      settings.heartbeat_interval_s)
     try:
         serve_apps(plan, access_log, background=beat.run, on_stop=beat.deregister)
     finally:
         runtime.close()
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def advertised_host(settings: ServerSettings, controller: str) -> str:
+    """The host a worker registers under: ``advertise_host``; else ``--host`` unless it is
+    a wildcard; else this machine's address on the route to the controller (the address
+    the controller sees it at), so a worker bound to 0.0.0.0 is reachable as registered."""
+    if settings.advertise_host:
+        return settings.advertise_host
+    if settings.host not in WILDCARDS:
+        return settings.host
+    from urllib.parse import urlsplit
+
+    target = urlsplit(controller)
+    family = socket.AF_INET6 if settings.host == "::" else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target.hostname or "127.0.0.1", target.port or 80))  # no packet
+            host = probe.getsockname()[0]
+    except OSError:
+        host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    log.info("listening on %s: registering as %s, this machine's address towards %s (set "
+             "advertise_host to register another)", settings.host or "*", host, controller)
+    return f"[{host}]" if ":" in host else host
 
 
 class Heartbeat:
