@@ -164,3 +164,88 @@ def test_cluster_commands_run_as_written(tmp_path):
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait(10)
+
+
+def _lmcache_server_starts(cmd: str, tmp: Path, extra_env: dict[str, str]) -> str:
+    """Run ``cmd`` (an `lmcache server` command line) with bash until its HTTP port is
+    healthy and the kvctl adapter has said it loaded; returns the server's log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.cluster_procs import wait_for
+
+    env = {**os.environ, "LMCACHE_DISABLE_BANNER": "1", "LMCACHE_TRACK_USAGE": "false",
+           "DO_NOT_TRACK": "1", **extra_env}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    log = tmp / "lmcache.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(["bash", "-c", cmd], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{env['HTTP_PORT']}/healthcheck", timeout=2) as r:
+                return r.status == 200 and "KvctlFSL2Adapter loaded" in log.read_text()
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 180, f"lmcache server did not start:\n{log.read_text()[-3000:]}")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return log.read_text()
+
+
+def test_lmcache_command_and_example_start_a_server_with_the_adapter(tmp_path):
+    """The README's `lmcache server` command as written (ports, folder and L1 size moved
+    here) and
+    examples/lmcache-server.sh start a real LMCache 0.5.6 server on this CPU machine, whose
+    log confirms kvctl's adapter."""
+    import shutil
+    import sys
+
+    import pytest
+
+    from tests.conftest import free_port
+
+    if not Path(sys.executable).with_name("lmcache").exists() and not shutil.which("lmcache"):
+        pytest.skip("the lmcache console script is not installed")
+    section = README.split("\n## LMCache: ", 1)[1].split("\n## ", 1)[0]
+    cmd = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].strip()
+    assert cmd.startswith("lmcache server ")
+    ports = {"PORT": str(free_port()), "HTTP_PORT": str(free_port())}
+    # a 4 GB L1 is allocated at start: a quarter of one on this shared machine
+    assert "--l1-size-gb 4 " in cmd
+    readme_cmd = (cmd.replace("/var/cache/lmcache-kv", str(tmp_path / "kv-readme"))
+                  .replace("--l1-size-gb 4 ", "--l1-size-gb 0.25 ")
+                  + ' --port "$PORT" --http-port "$HTTP_PORT"')
+    log = _lmcache_server_starts(readme_cmd, tmp_path, ports)
+    assert f"storing blobs at their real size in {tmp_path / 'kv-readme'}" in log
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "lmcache-server.sh"
+    ports = {"PORT": str(free_port()), "HTTP_PORT": str(free_port()),
+             "KV_DIR": str(tmp_path / "kv-example"), "HEAD_DIM": "64", "L1_SIZE_GB": "0.25"}
+    log = _lmcache_server_starts(str(script), tmp_path, ports)
+    assert f"storing blobs at their real size in {tmp_path / 'kv-example'}" in log
+
+
+def test_example_serve_config_is_the_readmes_and_valid(tmp_path):
+    from kvctl.server.config import build_settings
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = (root / "examples" / "serve.yaml").read_text()
+    [yaml_text] = blocks("yaml")
+    assert shipped.split("\n", 1)[1] == yaml_text
+    path = tmp_path / "serve.yaml"
+    path.write_text(shipped.replace("file:///var/tmp/kvctl/", f"file://{tmp_path}/disk/"))
+    assert build_settings(path, {}).chunk_size == 256
