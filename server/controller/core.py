@@ -129,6 +129,17 @@ class Controller:
                 "dead_after_s": self.settings.dead_after_s,
                 "registered_at": rec.registered_at, "controller_id": self.controller_id}
 
+    async def deregister(self, body: dict[str, Any]) -> bool:
+        """A worker stopping cleanly: shown dead from now on (not after dead_after_s).
+        Only the worker registered at that URL may say so; False when it is not the one."""
+        rec = await self.state.get_worker(str(body["instance_id"]))
+        if rec is None or rec.url != body["url"] or rec.stopped_at is not None:
+            return False
+        rec.stopped_at = time.time()
+        await self.state.put_worker(rec)
+        log.info("instance %s: worker at %s stopped (deregistered)", rec.instance_id, rec.url)
+        return True
+
     def transport(self, rec: WorkerRecord) -> WorkerTransport:
         if (self._local is not None and self.runtime is not None
                 and rec.instance_id == self.runtime.instance_id and rec.url == self.self_url):
@@ -144,6 +155,9 @@ class Controller:
         return t
 
     def _dead_reason(self, rec: WorkerRecord) -> str:
+        if rec.stopped_at is not None:
+            return (f"the worker of instance {rec.instance_id!r} at {rec.url} was stopped "
+                    f"{time.time() - rec.stopped_at:.0f} s ago (it deregistered)")
         age = time.time() - rec.last_heartbeat
         return (f"the worker of instance {rec.instance_id!r} at {rec.url} is dead: no "
                 f"heartbeat for {age:.0f} s (dead after {self.settings.dead_after_s:g} s)")

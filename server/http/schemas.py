@@ -151,6 +151,15 @@ class HeartbeatRequest(_Body):
     pid: int | None = None
 
 
+class DeregisterRequest(_Body):
+    instance_id: str
+    url: str = Field(description="the URL the worker registered with")
+
+
+class DeregisterResponse(BaseModel):
+    stopped: bool  # false: no such worker registered at that URL (nothing changed)
+
+
 class HeartbeatResponse(BaseModel):
     heartbeat_interval_s: float
     dead_after_s: float
@@ -161,6 +170,12 @@ class HeartbeatResponse(BaseModel):
 class WorkerInfoResponse(BaseModel):
     event_id: str
     worker_infos: list[WorkerInfo]
+
+
+class ClusterHealth(BaseModel):
+    status: Literal["ok"]
+    # "instance_id/worker_id" -> 0 healthy, 1 a storage location failed, 2 dead
+    error_codes: dict[str, int]
 
 
 class HealthRequest(_Body):
