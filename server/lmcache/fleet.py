@@ -98,6 +98,7 @@ class SyncSession:
     batch_count: int
     batches: dict[int, list[int]] = field(default_factory=dict)
     ended: bool = False
+    committed: bool = False   # in the directory; the worker learns it at its next status
 
     def missing(self) -> list[int]:
         return [b for b in range(self.batch_count) if b not in self.batches]
@@ -387,6 +388,7 @@ class LMCacheFleet:
     def _maybe_commit(self, k: tuple[str, int], s: SyncSession) -> None:
         if not s.ended or s.missing():
             return
+        s.committed = True
         keys = [key for b in sorted(s.batches) for key in s.batches[b]]
         n = self.directory.replace(k[0], k[1], s.location, keys)
         self.sync_requested.pop(k, None)
@@ -752,7 +754,8 @@ class LMCacheFleet:
                 "chunk_size": self.settings.chunk_size, "locations": locs,
                 "key_count": wk.count() if wk else 0,
                 "directory": "missing" if wk is None else
-                             ("syncing" if (iid, wid) in self.sessions else "ok"),
+                             ("syncing" if (iid, wid) in self.sessions and
+                              not self.sessions[(iid, wid)].committed else "ok"),
                 "queued_commands": t.queued if t else 0,
                 "held_here": (iid, wid) in self.local})
         return out

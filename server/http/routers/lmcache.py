@@ -54,3 +54,14 @@ async def query_instance(body: QueryInstanceRequest, request: Request) -> QueryI
     found = next((v["instance_id"] for v in views if v["ip"] == body.ip), None)
     return QueryInstanceResponse(event_id=body.event_id or f"query-inst-{uuid.uuid4().hex}",
                                  res=found)
+
+
+@router.get("/lmcache/stats")
+async def lmcache_stats(request: Request) -> dict[str, Any]:
+    """kvctl's counters for the LMCache wire: refused frames by reason, full syncs asked
+    for, admits dropped at the directory bound (all zero without LMCache sockets)."""
+    fleet = controller(request).lmcache
+    if fleet is None:
+        return {"bad_frames": {}, "full_syncs_requested": 0, "dropped_admits": 0,
+                "sockets": None}
+    return {**fleet.stats(), "sockets": fleet.sockets.ports if fleet.sockets else None}
