@@ -166,3 +166,20 @@ def test_directory_is_bounded_per_worker_location():
     assert res.dropped == 40 and d.get("i", 0).count() == 10
     d.replace("i", 0, "cpu", range(1000))
     assert d.get("i", 0).count() == 10
+
+
+def test_readme_worker_yaml_is_accepted_by_lmcache_056(tmp_path):
+    import re
+
+    from lmcache.v1.config import LMCacheEngineConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Running kvctl in front of an LMCache 0.5.6 fleet", 1)[1]
+    [text] = re.findall(r"```yml\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+    path = tmp_path / "lmcache.yaml"
+    path.write_text(text)
+    cfg = LMCacheEngineConfig.from_file(str(path))
+    cfg.validate()
+    assert (cfg.enable_controller, cfg.controller_pull_url, cfg.controller_reply_url,
+            cfg.lmcache_worker_ports, cfg.lmcache_worker_heartbeat_time) == \
+        (True, "ctl-host:8300", "ctl-host:8400", [8600], 3)

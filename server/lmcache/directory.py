@@ -19,16 +19,19 @@ from kvctl.server.lmcache.wire import KVOpEvent, OpType
 NONE_HASH = 0
 
 
-def chunk_hashes(tokens: Sequence[int], chunk_size: int) -> list[tuple[int, int]]:
+def chunk_hashes(tokens: Sequence[int], chunk_size: int, none_hash: int = NONE_HASH
+                 ) -> list[tuple[int, int]]:
     """LMCache 0.5.6's chunk keys for ``tokens``: (end offset, signed 64-bit hash) per chunk,
     the last partial chunk included.
 
     Each hash is Python's builtin hash of (previous hash, the chunk's tokens, no extra keys),
     the chain LMCache's ChunkedTokenDatabase builds with its default ``builtin`` algorithm.
     Tuples of ints hash the same in every process (only str/bytes hashing is salted).
+    ``none_hash`` seeds the chain: 0 without vLLM; with vLLM >= PR#20511 LMCache logs the
+    value it took from vLLM ("Initialized NONE_HASH=...").
     """
     out: list[tuple[int, int]] = []
-    prefix = NONE_HASH
+    prefix = none_hash
     for start in range(0, len(tokens), chunk_size):
         chunk = tuple(int(t) for t in tokens[start:start + chunk_size])
         prefix = hash((prefix, chunk, ()))

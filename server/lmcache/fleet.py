@@ -541,7 +541,7 @@ class LMCacheFleet:
         prefix (held by every worker of it) and tokens per location."""
         await self.refresh()
         now = time.time()
-        hashes = chunk_hashes(tokens, self.settings.chunk_size)
+        hashes = self._hashes(tokens)
         layout: dict[str, list[Any]] = {}
         tiers: dict[str, dict[str, int]] = {}
         by_inst: dict[str, list[LMWorker]] = {}
@@ -559,6 +559,9 @@ class LMCacheFleet:
                 layout[iid] = [loc, per[loc]]
                 tiers[iid] = per
         return layout, tiers
+
+    def _hashes(self, tokens: Sequence[int]) -> list[tuple[int, int]]:
+        return chunk_hashes(tokens, self.settings.chunk_size, self.settings.lmcache_none_hash)
 
     def _transport(self, w: LMWorker) -> ZmqWorkerTransport:
         k = (w.instance_id, w.worker_id)
@@ -632,7 +635,7 @@ class LMCacheFleet:
         ws = await self._live_workers(instance_id)
         location = body.get("location")
         tokens = list(body.get("tokens") or [])
-        hashes = chunk_hashes(tokens, self.settings.chunk_size)
+        hashes = self._hashes(tokens)
         if op == "clear":
             est = min([self._held(w, location) for w in ws] or [0]) * self.settings.chunk_size
         else:
