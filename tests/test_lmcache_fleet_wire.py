@@ -183,3 +183,22 @@ def test_readme_worker_yaml_is_accepted_by_lmcache_056(tmp_path):
     assert (cfg.enable_controller, cfg.controller_pull_url, cfg.controller_reply_url,
             cfg.lmcache_worker_ports, cfg.lmcache_worker_heartbeat_time) == \
         (True, "ctl-host:8300", "ctl-host:8400", [8600], 3)
+
+
+@pytest.mark.anyio
+async def test_query_worker_info_all_lists_kvctl_workers_too():
+    """LMCache's orchestrators ask for instance_id "all"; kvctl answered 404 before."""
+    from kvctl.server.config import ServerSettings
+    from tests.conftest import in_process_api
+
+    async with in_process_api(ServerSettings(model="none")) as api:
+        r = await api.post("/query_worker_info", json={"instance_id": "all"})
+        assert r.status_code == 200
+        [info] = r.json()["worker_infos"]
+        assert (info["instance_id"], info["kind"]) == ("lmcache_default_instance", "kvctl")
+        r = await api.post("/query_worker_info", json={"instance_id": "nope"})
+        assert r.status_code == 404 and "lmcache_default_instance" in r.json()["detail"]
+        stats = (await api.get("/controller/key-stats")).json()
+        assert (stats["total_instance_count"], stats["total_worker_count"]) == (1, 1)
+        r = await api.post("/query_instance", json={"ip": "127.0.0.1"})
+        assert r.json()["res"] == "lmcache_default_instance"
