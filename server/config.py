@@ -123,6 +123,8 @@ class ServerSettings(BaseModel):
                                       "bind; they cannot authenticate")
     lmcache_job_timeout_s: float = Field(600.0, gt=0, le=86_400, description="longest an "
                                          "LMCache compress, decompress or move may run")
+    lmcache_max_workers: int = Field(4096, ge=1, description="LMCache workers registered at "
+                                     "most; registrations beyond are refused and counted")
     lmcache_none_hash: int = Field(0, description="seed of LMCache's chunk-hash chain: 0 "
                                    "without vLLM; with vLLM, the NONE_HASH LMCache logs")
     lmcache_max_keys: int = Field(1_000_000, ge=1, description="chunk hashes kept per LMCache "

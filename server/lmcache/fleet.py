@@ -64,6 +64,7 @@ LMCACHE_METHODS = ("cachegen",)
 SYNC_RETRY_S = 30.0
 MAX_SYNC_BATCHES = 100_000
 JOB_OPS = ("compress", "decompress", "pin", "clear", "move")
+REFRESH_S = 0.5
 
 
 @dataclass
@@ -273,6 +274,7 @@ class LMCacheFleet:
         self.full_syncs_requested = 0
         self._writes: asyncio.Queue[Awaitable[Any]] = asyncio.Queue(maxsize=10_000)
         self._writer: asyncio.Task[None] | None = None
+        self._refreshed = -REFRESH_S
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -338,12 +340,15 @@ class LMCacheFleet:
     def on_push(self, msg: wire.PushMsg) -> None:
         k = (msg.instance_id, msg.worker_id)
         w = self.workers.get(k)
-        if w is None or k not in self.local:
+        if w is None:
             # until it registers (or heartbeats) here, its keys are nobody's: the full sync
-            # that follows registration brings them
+            # that follows brings them
             self.bad.add("push from an unregistered worker",
                          f"{type(msg).__name__} from {msg.instance_id}/{msg.worker_id}")
             return
+        # a worker known from the state (a restart) streams on where it was: its seq_num
+        # says whether anything was lost meanwhile
+        self.local.add(k)
         w.last_heartbeat = time.time()
         if isinstance(msg, wire.BatchedKVOperationMsg):
             self._apply(k, msg.location, msg.operations)
@@ -443,6 +448,11 @@ class LMCacheFleet:
             return wire.ErrorMsg(error=f"worker {msg.worker_id} of instance "
                                        f"{msg.instance_id!r} is registered from "
                                        f"{old.ip}:{old.port} and alive; not replaced")
+        if old is None and len(self.workers) >= self.settings.lmcache_max_workers:
+            self.bad.add("registrations beyond lmcache_max_workers",
+                         f"{msg.instance_id}/{msg.worker_id}")
+            return wire.ErrorMsg(error=f"the controller keeps at most "
+                                       f"{self.settings.lmcache_max_workers} LMCache workers")
         registering = isinstance(msg, wire.RegisterMsg)
         moved = old is not None and (old.ip, old.port) != (msg.ip, msg.port)
         w = LMWorker(msg.instance_id, msg.worker_id, msg.ip, msg.port, msg.peer_init_url,
@@ -463,10 +473,8 @@ class LMCacheFleet:
             log.info("LMCache instance %s worker %d %s at %s:%d", msg.instance_id,
                      msg.worker_id, "registered" if registering else "joined by heartbeat",
                      msg.ip, msg.port)
-        if fresh or registering or moved or int(now) % 5 == 0:
-            self._persist(self.store.put_worker(w))
-        else:  # liveness for other controllers on the same state, at most every beat
-            self._persist(self.store.put_worker(w))
+        # every beat: other controllers on the same state judge liveness from it
+        self._persist(self.store.put_worker(w))
         if registering:
             return wire.RegisterRetMsg(extra_config={"heartbeat_url": self._heartbeat_url(msg)})
         return wire.HeartbeatRetMsg(commands=self._commands(k, now))
@@ -503,9 +511,14 @@ class LMCacheFleet:
 
     # ---- reads ------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """With shared state, see workers another controller holds (and their beats)."""
+        """With shared state, see workers another controller holds (and their beats); read
+        at most every REFRESH_S, a fraction of any liveness window."""
         if not self.store.persistent:
             return
+        now = time.monotonic()
+        if now - self._refreshed < REFRESH_S:
+            return
+        self._refreshed = now
         for w in await self.store.workers():
             k = (w.instance_id, w.worker_id)
             if k not in self.local:
