@@ -9,6 +9,7 @@ Driven by JSON lines on stdin, one answer line on stdout each:
     {"op": "store", "tokens": [...]}      -> {"ok": true}
     {"op": "retrieve", "tokens": [...]}   -> {"ok": true, "retrieved": n, "max_abs_err": x}
     {"op": "lookup", "tokens": [...]}     -> {"ok": true, "hit": n}
+    {"op": "warm", "tokens": [...]}       -> {"ok": true}   (KV computed, nothing stored)
 The first line it prints is {"ready": true} once the engine is built.
 """
 
@@ -114,6 +115,9 @@ def main() -> None:
                 err = float((connector.out[:, :, :n].float() - ref[:, :, :n].float())
                             .abs().max().item()) if n else 0.0
                 out = {"ok": True, "retrieved": n, "max_abs_err": err}
+            elif req["op"] == "warm":   # compute the KV now, so a later store is quick
+                kv_of(tokens)
+                out = {"ok": True}
             elif req["op"] == "lookup":
                 out = {"ok": True, "hit": int(engine.lookup(tokens))}
             else:
