@@ -30,9 +30,8 @@ router = APIRouter(tags=["cluster"])
 @router.post("/health", response_model=HealthResponse)
 async def health(body: HealthRequest, request: Request) -> HealthResponse:
     """Error code per worker of an instance: 0 healthy, 1 a storage location failed, 2 dead."""
-    views = await controller(request).workers(body.instance_id)
-    return HealthResponse(event_id=f"health-{uuid.uuid4().hex}",
-                          error_codes={v["worker_id"]: v["error_code"] for v in views},
+    codes, views = await controller(request).health_codes(body.instance_id)
+    return HealthResponse(event_id=f"health-{uuid.uuid4().hex}", error_codes=codes,
                           workers=views)  # type: ignore[arg-type]
 
 
