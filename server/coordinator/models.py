@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from kvctl.common.mpkeys import MAX_SALT_CHARS, MAX_TOKEN_ID, MAX_TOKEN_IDS
 
 MAX_BATCHES = 1_000  # per POST /events
-MAX_ENTRIES = 4_096  # per batch; an MP server flushes every second, far fewer in practice
+MAX_ENTRIES = 8_192  # per batch; a server flushes each second, far fewer in practice
 MAX_CHUNK_TOKENS = 4_096  # token_ids on one store entry (one chunk: 256)
 MAX_KEYS = 10_000  # per lookup by keys
 MAX_ID_CHARS = 256

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -28,7 +28,6 @@ from kvctl.server.coordinator.models import (
     key_from_id,
 )
 from kvctl.server.coordinator.store import SHARED_OWNER, Instance
-from kvctl.server.errors import BadRequest, UnknownInstance
 
 instances = APIRouter(tags=["instances"])
 events = APIRouter(tags=["events"])
@@ -47,14 +46,14 @@ def _resolve(request: Request, q: TokensQuery) -> tuple[list[str], int]:
         keys, chunks = resolve_keys(q.token_ids, q.model_name, q.world_size, q.cache_salt,
                                     request.app.state.settings.coordinator_chunk_size)
     except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+        raise HTTPException(400, str(exc)) from None
     return [EncodedKey(**k.to_wire()).key_id() for k in keys], chunks
 
 
 async def _target(request: Request, instance_id: str) -> Instance:
     inst = await coord(request).store.get_instance(instance_id)
     if inst is None:
-        raise UnknownInstance(f"no MP server registered with instance_id={instance_id!r}")
+        raise HTTPException(404, f"no MP server registered with instance_id={instance_id!r}")
     return inst
 
 

@@ -553,7 +553,8 @@ class RedisStore(CoordinatorStore):
             else:
                 for e in b.entries:
                     args.append(e.key.key_id())
-            self._script(args=args, client=pipe)
+            # queued on the pipeline, which loads the script first if Redis lacks it
+            await self._script(args=args, client=pipe)
         results = await self._do(pipe.execute())
         for code, gap, dropped in results:
             if code == 0:
