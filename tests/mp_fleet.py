@@ -139,6 +139,7 @@ class MPClient:
                           block_size=BLOCK)
         self.client = ServerBenchClient(cfg, self.log.append)
         self.client.start()
+        self.closed = False
 
     @property
     def caches(self) -> dict[str, torch.Tensor]:
@@ -194,7 +195,9 @@ class MPClient:
         return self.get_kv(req.num_full_tokens)
 
     def close(self) -> None:
-        self.client.close()
+        if not self.closed:
+            self.closed = True
+            self.client.close()
 
 
 def wait_until(cond: Any, timeout: float, what: str, *procs: Proc) -> Any:
