@@ -1,7 +1,8 @@
 """CLI settings: flag > environment (KVCTL_*) > config file > built-in default.
 
 The config file is ``<user config dir>/kvctl/config.yaml`` (``typer.get_app_dir``), or the
-file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id.
+file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id,
+coordinator.
 `resolve` reads the file once and records where each value came from (`kvctl config show`).
 """
 
@@ -20,11 +21,14 @@ DEFAULT_TOKENIZER = "smollm2"
 DEFAULT_INSTANCE_ID = "lmcache_default_instance"
 DEFAULT_METHOD = "cachegen"
 DEFAULT_LOCATION = "LocalCPUBackend"
-FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id")
+FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "coordinator")
 ENV_VARS = {"controller": "KVCTL_CONTROLLER", "timeout": "KVCTL_TIMEOUT",
-            "tokenizer": "KVCTL_TOKENIZER", "instance_id": "KVCTL_INSTANCE_ID"}
+            "tokenizer": "KVCTL_TOKENIZER", "instance_id": "KVCTL_INSTANCE_ID",
+            "coordinator": "KVCTL_COORDINATOR"}
+# coordinator: an LMCache MP coordinator (kvctl's or upstream's); none = the controller API
 DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT_TIMEOUT,
-                            "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID}
+                            "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID,
+                            "coordinator": None}
 
 
 def config_path() -> Path:
@@ -75,6 +79,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     tokenizer: str = DEFAULT_TOKENIZER
     instance_id: str = DEFAULT_INSTANCE_ID
+    coordinator: str | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def as_rows(self) -> list[tuple[str, Any, str]]:
@@ -89,6 +94,7 @@ class Flags:
     timeout: float | None = None
     tokenizer: str | None = None
     instance_id: str | None = None
+    coordinator: str | None = None
 
 
 def resolve(flags: Flags | None = None) -> Settings:
@@ -117,4 +123,5 @@ def resolve(flags: Flags | None = None) -> Settings:
         raise UsageError(f"timeout from {sources['timeout']} must be > 0, got {timeout:g}")
     return Settings(controller=normalize_url(str(values["controller"])), timeout=timeout,
                     tokenizer=str(values["tokenizer"]), instance_id=str(values["instance_id"]),
-                    sources=sources)
+                    coordinator=normalize_url(str(values["coordinator"]))
+                    if values["coordinator"] else None, sources=sources)

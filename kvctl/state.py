@@ -14,6 +14,7 @@ from kvctl.settings import Flags, Settings, resolve
 
 if TYPE_CHECKING:
     from kvctl.client import ControllerClient
+    from kvctl.coordinator_client import CoordinatorClient
 
 
 @dataclass
@@ -34,6 +35,18 @@ class State:
         from kvctl.client import connect
 
         return connect(self.settings)
+
+    def coordinator(self, what: str) -> CoordinatorClient:
+        """The client of the MP coordinator the settings name; a usage error without one."""
+        from kvctl.coordinator_client import CoordinatorClient
+        from kvctl.errors import UsageError
+
+        url = self.settings.coordinator
+        if not url:
+            raise UsageError(f"{what} talks to an LMCache MP coordinator: pass --coordinator "
+                             "URL (kvctl serve --coordinator-port, or `lmcache coordinator`) "
+                             "or set KVCTL_COORDINATOR")
+        return CoordinatorClient(url, self.settings.timeout)
 
 
 def state(ctx: typer.Context) -> State:

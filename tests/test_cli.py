@@ -353,7 +353,8 @@ def test_settings_precedence_flag_env_file(cli_server, cli_env, monkeypatch):
         "controller": {"value": url, "source": str(cli_env)},
         "timeout": {"value": 5.0, "source": str(cli_env)},
         "tokenizer": {"value": "smollm2", "source": "default"},
-        "instance_id": {"value": "from-file", "source": str(cli_env)}}
+        "instance_id": {"value": "from-file", "source": str(cli_env)},
+        "coordinator": {"value": None, "source": "default"}}
     # the file's controller is the one used; its instance is unknown there
     r = run_cli("compress", "--tokens", "1,2", expected_exit_code=2)
     assert "unknown instance_id 'from-file'" in r.stderr

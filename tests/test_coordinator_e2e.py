@@ -8,6 +8,7 @@ the fleet as the next expects it.
 
 from __future__ import annotations
 
+import json
 import signal
 import uuid
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ pytest.importorskip("lmcache", reason="LMCache is not installed: `make setup` in
 
 import torch
 
+from tests.cliutil import run_cli
 from tests.cluster_procs import Proc, wait_for
-from tests.conftest import free_port
+from tests.conftest import PROSE, free_port
 from tests.mp_fleet import (
     MODEL_NAME,
     MPClient,
@@ -35,6 +37,7 @@ from tests.mp_fleet import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 N = 512
+CHUNK_BYTES = 30 * 2 * 256 * 3 * 64 * 2  # one fp16 chunk of SmolLM2's KV
 
 
 @dataclass
@@ -167,6 +170,52 @@ def test_delete_l1_then_prefetch_it_back_from_l2(fleet):
     fleet.wait_tiers(["l1", "l2"], "the prefetched chunks did not show in L1")
     assert fleet.server.l1_objects() == 2
     assert torch.equal(fleet.client.retrieve(fleet.ids), fleet.kv)
+
+
+def test_the_cli_against_kvctls_coordinator(fleet, cli_env):
+    url, iid = fleet.url, fleet.server.instance_id
+    mp = ("--coordinator", url, "--model-name", MODEL_NAME)
+    data = json.loads(run_cli("instances", "--coordinator", url, "--json").stdout)
+    assert data["coordinator"] == "kvctl"
+    (row,) = [r for r in data["instances"] if r["instance_id"] == iid]
+    assert row["alive"] and row["cursor"]["last_seq"] >= 3 and row["cursor"]["gaps"] == 0
+    l1 = next(m for m in row["modules"] if m["tier"] == "l1")
+    assert l1["used_bytes"] == 2 * CHUNK_BYTES and l1["capacity_bytes"] > 0
+    assert "keys of at most" in run_cli("instances", "--coordinator", url).stderr
+
+    found = json.loads(run_cli("lookup", PROSE, *mp, "--json").stdout)
+    assert found["coordinator"] == "kvctl" and found["prefix_chunks"] == 2
+    assert [sorted(p["tier"] for p in r["placements"]) for r in found["results"][:2]] == \
+        [["l1", "l2"], ["l1", "l2"]]
+    assert "2 of " in run_cli("lookup", PROSE, *mp).stderr
+
+    assert json.loads(run_cli("pin", PROSE, *mp, "--json").stdout)["status"] == "pinned"
+    assert fleet.get("/cache/pins")["total"] >= 2
+    assert json.loads(run_cli("unpin", PROSE, *mp, "--json").stdout)["status"] == "unpinned"
+    assert fleet.get("/cache/pins")["total"] == 0
+
+    out = json.loads(run_cli("delete", PROSE, *mp, "--instance", iid, "--tier", "l1",
+                             "--json").stdout)
+    assert (out["status"], out["affected"]) == ("deleted", 2)
+    assert fleet.server.l1_objects() == 0
+    fleet.wait_tiers(["l2"], "the CLI's delete did not reach the directory")
+    out = json.loads(run_cli("prefetch", PROSE, *mp, "--instance", iid, "--wait",
+                             "--json").stdout)
+    assert (out["status"], out["found_keys"], out["total_keys"]) == ("completed", 2, 2)
+    fleet.wait_tiers(["l1", "l2"], "the CLI's prefetch did not show in L1")
+    assert fleet.server.l1_objects() == 2
+
+    # what the operator got wrong: one line, exit 2
+    r = run_cli("delete", PROSE, *mp, "--instance", "nope", expected_exit_code=2)
+    assert "no MP server registered with instance_id='nope'" in r.stderr
+    r = run_cli("lookup", PROSE, "--coordinator", url, expected_exit_code=2)
+    assert "--model-name" in r.stderr
+    r = run_cli("lookup", "too short", *mp, expected_exit_code=2)
+    assert "less than one 256-token chunk" in r.stderr
+    r = run_cli("lookup", PROSE, "--coordinator", url, "--model-name", "nobody",
+                expected_exit_code=2)
+    assert "nothing matched" in r.stderr
+    assert "--coordinator" in run_cli("instances", expected_exit_code=2).stderr
 
 
 def test_coordinator_kill9_and_restart_with_state_loses_nothing(fleet):
