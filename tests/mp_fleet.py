@@ -109,7 +109,7 @@ def start_kvctl_coordinator(tmp: Path, port: int, state: str | None = None,
 
 def start_upstream_coordinator(tmp: Path, port: int) -> Proc:
     p = _spawn("lmcache-coordinator", [lmcache_exe(), "coordinator", "--host", "127.0.0.1",
-                                       "--port", str(port)], tmp)
+                                       "--port", str(port), "--disable-metrics"], tmp)
     wait_for(lambda: _ok(f"http://127.0.0.1:{port}/healthz"), START_S,
              "lmcache coordinator did not start", p)
     return p
