@@ -137,32 +137,29 @@ def cpu_seconds(pid: int) -> float:
 
 
 # -------------------------------------------------------------------- 1. ingest ----
-async def fleet(urls: list[str], seconds: float, entries: int, tokens: bool,
+async def fleet(urls: list[str], batches: int, entries: int, tokens: bool,
                 kill_after: float | None = None, victim: subprocess.Popen | None = None
                 ) -> dict[str, Any]:
-    """100 servers, each posting its batches in order (one request in flight per server,
-    as an MP server's flush thread does) until ``seconds`` pass."""
+    """100 servers, each posting ``batches`` batches in order (one request in flight per
+    server, as an MP server's flush thread does). The bodies are made before the clock
+    starts, so that the load generator, on the same cores, costs as little as it can."""
     limits = httpx.Limits(max_connections=SERVERS * 2, max_keepalive_connections=SERVERS * 2)
     sent = [0] * SERVERS
     retried = [0]
     failed_over = [0]
     inc = int(time.time())
+    bodies = [[store_body(f"bench-{s}", inc, seq, (s << 32) + seq * entries, entries, tokens)
+               for seq in range(1, batches + 1)] for s in range(SERVERS)]
     async with httpx.AsyncClient(limits=limits, timeout=30) as http:
         for s in range(SERVERS):
             r = await http.post(urls[s % len(urls)] + "/instances",
                                 json={"instance_id": f"bench-{s}", "ip": "127.0.0.1",
                                       "http_port": 1})
             r.raise_for_status()
-        # bodies made ahead: the load generator must not be what is measured
-        t_end = time.monotonic() + seconds
 
         async def server(s: int) -> None:
-            iid = f"bench-{s}"
-            seq = 0
             which = s % len(urls)
-            while time.monotonic() < t_end:
-                seq += 1
-                body = store_body(iid, inc, seq, (s << 32) + seq * entries, entries, tokens)
+            for seq, body in enumerate(bodies[s], 1):
                 while True:
                     try:
                         r = await http.post(urls[which] + "/events", content=body,
@@ -190,13 +187,14 @@ async def fleet(urls: list[str], seconds: float, entries: int, tokens: bool,
             "retried": retried[0], "failed_over": failed_over[0]}
 
 
-def run_ingest(tmp: Path, state: str | None, seconds: float, entries: int, tokens: bool
-               ) -> dict[str, Any]:
+def run_ingest(tmp: Path, state: str | None, batches: int, entries: int, tokens: bool,
+               redis_pid: int) -> dict[str, Any]:
     proc, url = start_coordinator(tmp, state, 10_000_000, f"b{uuid.uuid4().hex[:8]}")
     try:
-        cpu0 = cpu_seconds(proc.pid)
-        res = asyncio.run(fleet([url], seconds, entries, tokens))
+        cpu0, rcpu0 = cpu_seconds(proc.pid), cpu_seconds(redis_pid)
+        res = asyncio.run(fleet([url], batches, entries, tokens))
         cpu = cpu_seconds(proc.pid) - cpu0
+        rcpu = cpu_seconds(redis_pid) - rcpu0 if state else 0.0
         ing = httpx.get(url + "/instances/ingest", timeout=60).json()
         applied = sum(r["cursor"]["applied"] for r in ing["instances"] if r["cursor"])
         applied_entries = applied * entries
@@ -205,6 +203,7 @@ def run_ingest(tmp: Path, state: str | None, seconds: float, entries: int, token
                 "wall_s": res["wall_s"], "coordinator_cpu_s": cpu,
                 "entries_per_s": applied_entries / res["wall_s"],
                 "entries_per_cpu_s": applied_entries / cpu if cpu else 0.0,
+                "redis_cpu_s": rcpu,
                 "keys": ing["keys"]}
     finally:
         kill(proc)
@@ -216,20 +215,18 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def populate(store: Any, n: int, tokens: bool) -> None:
+async def populate(store: Any, n: int, tokens: bool) -> None:
     from kvctl.server.coordinator.models import EventBatch
     from kvctl.server.coordinator.store import Instance
 
-    async def go() -> None:
-        await store.register(Instance("pop", "127.0.0.1", 1, time.time()))
-        per = 4096
-        seq = 0
-        for first in range(0, n, per):
-            seq += 1
-            b = EventBatch.model_validate(store_batch("pop", 1, seq, first,
-                                                      min(per, n - first), tokens))
-            await store.ingest([b])
-    asyncio.run(go())
+    await store.register(Instance("pop", "127.0.0.1", 1, time.time()))
+    per = 4096
+    seq = 0
+    for first in range(0, n, per):
+        seq += 1
+        b = EventBatch.model_validate(store_batch("pop", 1, seq, first,
+                                                  min(per, n - first), tokens))
+        await store.ingest([b])
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -238,7 +235,7 @@ def percentiles(xs: list[float]) -> dict[str, float]:
             "max_ms": xs[-1] * 1e3}
 
 
-def lookup_latency(store: Any, n: int, rounds: int) -> dict[str, float]:
+async def lookup_latency(store: Any, n: int, rounds: int) -> dict[str, float]:
     import random
 
     from kvctl.server.coordinator.models import EncodedKey
@@ -247,15 +244,13 @@ def lookup_latency(store: Any, n: int, rounds: int) -> dict[str, float]:
     ids = [[EncodedKey(**key(rng.randrange(n))).key_id() for _ in range(4)]
            for _ in range(rounds)]
 
-    async def go() -> list[float]:
-        out = []
-        for kids in ids:
-            t = time.perf_counter()
-            res = await store.lookup(kids)
-            out.append(time.perf_counter() - t)
-            assert all(r[0] for r in res)
-        return out
-    return percentiles(asyncio.run(go()))
+    out = []
+    for kids in ids:
+        t = time.perf_counter()
+        res = await store.lookup(kids)
+        out.append(time.perf_counter() - t)
+        assert all(r[0] for r in res)
+    return percentiles(out)
 
 
 def http_lookup_latency(url: str, n: int, rounds: int) -> dict[str, float]:
@@ -287,13 +282,14 @@ def run_lookup(sizes: list[int], rounds: int, redis_url: str) -> list[dict[str, 
             before = rss_bytes()
             store = MemoryStore(max_keys=n + 1, keep_token_ids=tokens)
             t = time.perf_counter()
-            populate(store, n, tokens)
+            asyncio.run(populate(store, n, tokens))
             fill_s = time.perf_counter() - t
             gc.collect()
             per_key = (rss_bytes() - before) / n
             row = {"state": "memory", "keys": n, "token_ids": tokens,
                    "bytes_per_key": per_key, "fill_entries_per_s": n / fill_s,
-                   **lookup_latency(store, n, rounds)}
+                   **asyncio.run(lookup_latency(store, n, rounds))}
+            print(json.dumps(row), flush=True)
             out.append(row)
             del store
             gc.collect()
@@ -302,28 +298,34 @@ def run_lookup(sizes: list[int], rounds: int, redis_url: str) -> list[dict[str, 
             r = redis_sync.Redis.from_url(redis_url)
             r.flushdb()
             mem0 = int(r.info("memory")["used_memory"])
-            store = RedisStore(redis_url, max_keys=n + 1, keep_token_ids=False,
-                               prefix=f"l{n}:")
-            t = time.perf_counter()
-            populate(store, n, False)
-            fill_s = time.perf_counter() - t
-            per_key = (int(r.info("memory")["used_memory"]) - mem0) / n
-            row = {"state": "redis", "keys": n, "token_ids": False, "bytes_per_key": per_key,
-                   "fill_entries_per_s": n / fill_s, **lookup_latency(store, n, rounds)}
-            asyncio.run(store.close())
+
+            async def redis_case(n: int = n, r: Any = r, mem0: int = mem0) -> dict[str, Any]:
+                store = RedisStore(redis_url, max_keys=n + 1, keep_token_ids=False,
+                                   prefix=f"l{n}:")
+                t = time.perf_counter()
+                await populate(store, n, False)
+                fill_s = time.perf_counter() - t
+                per_key = (int(r.info("memory")["used_memory"]) - mem0) / n
+                lat = await lookup_latency(store, n, rounds)
+                await store.close()
+                return {"state": "redis", "keys": n, "token_ids": False,
+                        "bytes_per_key": per_key, "fill_entries_per_s": n / fill_s, **lat}
+            row = asyncio.run(redis_case())
+            print(json.dumps(row), flush=True)
             out.append(row)
             r.flushdb()
     return out
 
 
 # ------------------------------------------------------------------ 3. failover ----
-def run_failover(tmp: Path, redis_url: str, seconds: float, entries: int) -> dict[str, Any]:
+def run_failover(tmp: Path, redis_url: str, batches: int, entries: int, kill_after: float
+                 ) -> dict[str, Any]:
     prefix = f"f{uuid.uuid4().hex[:8]}"
     a, url_a = start_coordinator(tmp, redis_url, 10_000_000, prefix)
     b, url_b = start_coordinator(tmp, redis_url, 10_000_000, prefix)
     try:
-        res = asyncio.run(fleet([url_a, url_b], seconds, entries, True,
-                                kill_after=seconds / 3, victim=a))
+        res = asyncio.run(fleet([url_a, url_b], batches, entries, True,
+                                kill_after=kill_after, victim=a))
         ing = httpx.get(url_b + "/instances/ingest", timeout=60).json()
         cur = {r["instance_id"]: r["cursor"] for r in ing["instances"]}
         lost = sum(max(0, res["per_server"][s] - cur[f"bench-{s}"]["last_seq"])
@@ -373,11 +375,13 @@ def markdown(res: dict[str, Any]) -> str:
              "per CPU-second divides by the coordinator process's own CPU time (one "
              "process: one core at most).", "",
              "| state | entries/batch | token ids | batches | entries/s (wall) | "
-             "entries per coordinator CPU-s | target |", "|---|---|---|---|---|---|---|"]
+             "entries per coordinator CPU-s | redis-server CPU-s | target |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["ingest"]:
         lines.append(f"| {r['state']} | {r['entries_per_batch']} | "
                      f"{'yes' if r['token_ids'] else 'no'} | {r['batches']} | "
-                     f"{r['entries_per_s']:,.0f} | {r['entries_per_cpu_s']:,.0f} | 50,000 |")
+                     f"{r['entries_per_s']:,.0f} | {r['entries_per_cpu_s']:,.0f} | "
+                     f"{r['redis_cpu_s']:.2f} | 50,000 |")
     lines += ["", "## Directory lookup (4 keys, random) and memory per key", "",
               "| state | keys | token ids kept | p50 ms | p99 ms | max ms | bytes/key |",
               "|---|---|---|---|---|---|---|"]
@@ -407,13 +411,13 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short runs, 10^4/10^5 keys")
-    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--batches", type=int, default=8, help="per server, per ingest run")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip", default="", help="comma list of ingest,lookup,failover")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    secs = 4.0 if args.quick else args.seconds
+    nb = 2 if args.quick else args.batches
     tmp = Path(tempfile.mkdtemp(prefix="coord-bench-"))
     redis_proc, redis_url = start_redis(tmp)
     res: dict[str, Any] = {"versions": versions(), "command": " ".join(
@@ -423,14 +427,12 @@ def main() -> None:
             res["ingest"] = []
             for state in (None, redis_url):
                 for entries, tokens in ((100, True), (500, False)):
-                    r = run_ingest(tmp, state, secs, entries, tokens)
+                    r = run_ingest(tmp, state, nb, entries, tokens, redis_proc.pid)
                     print(json.dumps(r), flush=True)
                     res["ingest"].append(r)
         if "lookup" not in skip:
             sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
             res["lookup"] = run_lookup(sizes, 2000, redis_url)
-            for r in res["lookup"]:
-                print(json.dumps(r), flush=True)
             n = sizes[-1]
             proc, url = start_coordinator(tmp, None, n + 1, "h")
             try:
@@ -440,7 +442,8 @@ def main() -> None:
             finally:
                 kill(proc)
         if "failover" not in skip:
-            res["failover"] = run_failover(tmp, redis_url, secs * 2, 100)
+            res["failover"] = run_failover(tmp, redis_url, 5 if args.quick else 40, 20,
+                                           kill_after=1.0 if args.quick else 4.0)
             print(json.dumps(res["failover"]), flush=True)
     finally:
         kill(redis_proc)

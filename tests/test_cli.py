@@ -386,7 +386,7 @@ def test_bad_settings_file_is_one_line(cli_env):
     cli_env.write_text("controler: http://x\n")
     r = run_cli("codecs", expected_exit_code=1)
     assert r.stderr == (f"error: config file {cli_env}: unknown key(s) controler; known: "
-                        "controller, timeout, tokenizer, instance_id\n")
+                        "controller, timeout, tokenizer, instance_id, coordinator\n")
     run_cli("codecs", "--help")  # help still works
 
 

@@ -9,10 +9,9 @@ so that what a request costs is paid for by its size.
 
 from __future__ import annotations
 
+from array import array
 from enum import StrEnum
 from typing import Annotated
-
-from array import array
 
 from pydantic import (
     AfterValidator,
