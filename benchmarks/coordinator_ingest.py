@@ -336,8 +336,9 @@ def run_failover(tmp: Path, redis_url: str, batches: int, entries: int, kill_aft
         return {"sent_batches": res["sent_batches"], "batches_lost": lost, "gaps": gaps,
                 "duplicates": dups, "retried_requests": res["retried"],
                 "failed_over": res["failed_over"], "keys": ing["keys"],
-                "expected_keys": expected_keys, "killed": a.returncode == -9,
-                "wall_s": res["wall_s"]}
+                "expected_keys": expected_keys, "killed": a.poll() == -9,
+                "wall_s": res["wall_s"], "batches_per_server": batches, "entries": entries,
+                "kill_after_s": kill_after}
     finally:
         kill(a)
         kill(b)
@@ -367,7 +368,10 @@ def markdown(res: dict[str, Any]) -> str:
              f"Machine: {v['cpu']}, {v['cores']} cores (shared with other work while "
              f"measured), Linux {v['kernel']}; Python {v['python']}, FastAPI "
              f"{v['fastapi']}, pydantic {v['pydantic']}, redis-py {v['redis-py']}, "
-             f"redis-server {v['redis-server']}. Command: `{res['command']}`.", "",
+             f"redis-server {v['redis-server']}. Command: `{res['command']}`. Load average "
+             f"(1 min) at the start {res['load'][0]:.1f}, at the end {res['load'][1]:.1f}: "
+             "the wall-clock rates below are what a process got on a machine that busy; "
+             "the per-CPU-second rates are the coordinator's own cost.", "",
              "## Ingest: 100 servers posting at once to one coordinator process", "",
              "Each server keeps one request in flight (as an MP server's flush thread does); "
              "every entry is a `store` of a new key (256 token ids each where noted). "
@@ -397,9 +401,11 @@ def markdown(res: dict[str, Any]) -> str:
     f = res.get("failover")
     if f:
         lines += ["", "## kill -9 of one of two coordinators during ingest", "",
-                  f"Two coordinators on one Redis; the 100 servers split between them; "
-                  f"coordinator A killed with SIGKILL a third of the way in; a request that "
-                  f"fails is sent again to the other one (a load balancer's retry). "
+                  f"Two coordinators on one Redis; the 100 servers split between them, "
+                  f"{f['batches_per_server']} batches of {f['entries']} store entries (with "
+                  f"token ids) each; coordinator A killed with SIGKILL {f['kill_after_s']:g} s "
+                  f"into the run ({f['wall_s']:.1f} s in all); a request that fails is sent "
+                  f"again to the other one (a load balancer's retry). "
                   f"Sent {f['sent_batches']:,} batches; **batches lost: "
                   f"{f['batches_lost']}**; seq gaps: {f['gaps']}; duplicates (a batch A "
                   f"applied before it died, sent again to B): {f['duplicates']}; requests "
@@ -419,6 +425,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     nb = 2 if args.quick else args.batches
     tmp = Path(tempfile.mkdtemp(prefix="coord-bench-"))
+    load0 = os.getloadavg()[0]
     redis_proc, redis_url = start_redis(tmp)
     res: dict[str, Any] = {"versions": versions(), "command": " ".join(
         ["benchmarks/coordinator_ingest.py", *sys.argv[1:]])}
@@ -448,6 +455,7 @@ def main() -> None:
     finally:
         kill(redis_proc)
         shutil.rmtree(tmp, ignore_errors=True)
+    res["load"] = [load0, os.getloadavg()[0]]
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

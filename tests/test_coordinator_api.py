@@ -449,3 +449,24 @@ async def test_redis_down_is_503_and_the_batch_is_not_acknowledged(redis_proc):
         assert r.status_code == 503 and "unreachable" in r.json()["detail"]
         r = await c.post("/directory/lookup", json={"keys": [key("aa")]})
         assert r.status_code == 503
+
+
+async def test_key_listing_filters_and_pages(settings):
+    async with coordinator(settings) as c:
+        await register(c)
+        await register(c, "srv-b")
+        await events(c, batch(1, entries=[entry(h) for h in ("01", "02", "03")]),
+                     batch(2, tier="l2", backend="fs", entries=[entry("02")]))
+        await events(c, batch(1, iid="srv-b", entries=[entry("03")]))
+        r = (await c.get("/directory/keys", params={"limit": 2})).json()
+        assert r["total"] == 3 and [k["key"]["chunk_hash_hex"] for k in r["keys"]] == \
+            ["01", "02"]
+        r = (await c.get("/directory/keys", params={"offset": 2})).json()
+        assert [k["key"]["chunk_hash_hex"] for k in r["keys"]] == ["03"]
+        r = (await c.get("/directory/keys", params={"tier": "l2"})).json()
+        assert r["total"] == 1 and r["keys"][0]["placements"][0]["backend"] == "fs"
+        r = (await c.get("/directory/keys", params={"instance_id": "srv-b"})).json()
+        assert r["total"] == 1 and [p["instance_id"] for p in r["keys"][0]["placements"]] \
+            == ["srv-b"]
+        assert (await c.get("/directory/keys", params={"limit": 0})).status_code == 422
+        assert (await c.get("/directory/keys", params={"tier": "l3"})).status_code == 422
