@@ -215,12 +215,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-async def populate(store: Any, n: int, tokens: bool) -> None:
+async def populate(store: Any, n: int, tokens: bool, per: int = 512) -> None:
     from kvctl.server.coordinator.models import EventBatch
     from kvctl.server.coordinator.store import Instance
 
     await store.register(Instance("pop", "127.0.0.1", 1, time.time()))
-    per = 4096
     seq = 0
     for first in range(0, n, per):
         seq += 1
@@ -268,31 +267,39 @@ def http_lookup_latency(url: str, n: int, rounds: int) -> dict[str, float]:
     return percentiles(lat)
 
 
+def memory_case(n: int, tokens: bool, rounds: int) -> dict[str, Any]:
+    from kvctl.server.coordinator.store import MemoryStore
+
+    asyncio.run(populate(MemoryStore(), 10, tokens))  # imports and first-use allocations
+    gc.collect()
+    before = rss_bytes()
+    store = MemoryStore(max_keys=n + 1, keep_token_ids=tokens)
+    t = time.perf_counter()
+    asyncio.run(populate(store, n, tokens))
+    fill_s = time.perf_counter() - t
+    gc.collect()
+    per_key = (rss_bytes() - before) / n
+    return {"state": "memory", "keys": n, "token_ids": tokens, "bytes_per_key": per_key,
+            "fill_entries_per_s": n / fill_s, **asyncio.run(lookup_latency(store, n, rounds))}
+
+
 def run_lookup(sizes: list[int], rounds: int, redis_url: str) -> list[dict[str, Any]]:
     import redis as redis_sync
 
-    from kvctl.server.coordinator.store import MemoryStore, RedisStore
+    from kvctl.server.coordinator.store import RedisStore
 
     out = []
     for n in sizes:
         for tokens in (False, True):
             if tokens and n > 100_000:
                 continue  # 1 KiB of token ids per key: 10^6 keys is a GiB; measured at 10^5
-            gc.collect()
-            before = rss_bytes()
-            store = MemoryStore(max_keys=n + 1, keep_token_ids=tokens)
-            t = time.perf_counter()
-            asyncio.run(populate(store, n, tokens))
-            fill_s = time.perf_counter() - t
-            gc.collect()
-            per_key = (rss_bytes() - before) / n
-            row = {"state": "memory", "keys": n, "token_ids": tokens,
-                   "bytes_per_key": per_key, "fill_entries_per_s": n / fill_s,
-                   **asyncio.run(lookup_latency(store, n, rounds))}
+            # a fresh process per case: RSS growth of this one would reuse freed memory
+            proc = subprocess.run([sys.executable, __file__, "--memory-case", str(n),
+                                   str(int(tokens)), str(rounds)], capture_output=True,
+                                  text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)
             out.append(row)
-            del store
-            gc.collect()
         # Redis: the same directory, shared (10^6 keys take a while to fill; 10^5 here)
         if n <= 100_000:
             r = redis_sync.Redis.from_url(redis_url)
@@ -421,7 +428,14 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip", default="", help="comma list of ingest,lookup,failover")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the sections of --json's file that this run skips")
+    ap.add_argument("--memory-case", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_case:
+        n, tokens, rounds = args.memory_case
+        print(json.dumps(memory_case(n, bool(tokens), rounds)))
+        return
     skip = set(filter(None, args.skip.split(",")))
     nb = 2 if args.quick else args.batches
     tmp = Path(tempfile.mkdtemp(prefix="coord-bench-"))
@@ -456,6 +470,11 @@ def main() -> None:
         kill(redis_proc)
         shutil.rmtree(tmp, ignore_errors=True)
     res["load"] = [load0, os.getloadavg()[0]]
+    if args.merge and args.json and args.json.exists():
+        old = json.loads(args.json.read_text())
+        for k in ("ingest", "lookup", "http_lookup", "failover"):
+            if k not in res and k in old:
+                res[k] = old[k]
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
