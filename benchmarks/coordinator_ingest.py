@@ -138,13 +138,14 @@ def cpu_seconds(pid: int) -> float:
 
 # -------------------------------------------------------------------- 1. ingest ----
 async def fleet(urls: list[str], batches: int, entries: int, tokens: bool,
-                kill_after: float | None = None, victim: subprocess.Popen | None = None
-                ) -> dict[str, Any]:
+                kill_after: float | None = None, victim: subprocess.Popen | None = None,
+                retry: bool = True) -> dict[str, Any]:
     """100 servers, each posting ``batches`` batches in order (one request in flight per
     server, as an MP server's flush thread does). The bodies are made before the clock
     starts, so that the load generator, on the same cores, costs as little as it can."""
     limits = httpx.Limits(max_connections=SERVERS * 2, max_keepalive_connections=SERVERS * 2)
     sent = [0] * SERVERS
+    dropped = [0] * SERVERS
     retried = [0]
     failed_over = [0]
     inc = int(time.time())
@@ -167,11 +168,14 @@ async def fleet(urls: list[str], batches: int, entries: int, tokens: bool,
                         r.raise_for_status()
                         break
                     except (httpx.TransportError, httpx.HTTPStatusError):
-                        # the load balancer's part: the other coordinator gets it
-                        retried[0] += 1
                         if len(urls) > 1:
                             which = (which + 1) % len(urls)
                             failed_over[0] += 1
+                        if not retry:  # an LMCache server drops what it could not post
+                            dropped[s] += 1
+                            break
+                        # the load balancer's part: the other coordinator gets it
+                        retried[0] += 1
                         await asyncio.sleep(0.05)
                 sent[s] = seq
 
@@ -184,7 +188,8 @@ async def fleet(urls: list[str], batches: int, entries: int, tokens: bool,
         await asyncio.gather(killer(), *(server(s) for s in range(SERVERS)))
         wall = time.monotonic() - t0
     return {"sent_batches": sum(sent), "per_server": sent, "wall_s": wall,
-            "retried": retried[0], "failed_over": failed_over[0]}
+            "retried": retried[0], "failed_over": failed_over[0],
+            "dropped_by_servers": sum(dropped)}
 
 
 def run_ingest(tmp: Path, state: str | None, batches: int, entries: int, tokens: bool,
@@ -325,27 +330,32 @@ def run_lookup(sizes: list[int], rounds: int, redis_url: str) -> list[dict[str, 
 
 
 # ------------------------------------------------------------------ 3. failover ----
-def run_failover(tmp: Path, redis_url: str, batches: int, entries: int, kill_after: float
-                 ) -> dict[str, Any]:
+def run_failover(tmp: Path, redis_url: str, batches: int, entries: int, kill_after: float,
+                 retry: bool = True) -> dict[str, Any]:
     prefix = f"f{uuid.uuid4().hex[:8]}"
     a, url_a = start_coordinator(tmp, redis_url, 10_000_000, prefix)
     b, url_b = start_coordinator(tmp, redis_url, 10_000_000, prefix)
     try:
         res = asyncio.run(fleet([url_a, url_b], batches, entries, True,
-                                kill_after=kill_after, victim=a))
+                                kill_after=kill_after, victim=a, retry=retry))
         ing = httpx.get(url_b + "/instances/ingest", timeout=60).json()
         cur = {r["instance_id"]: r["cursor"] for r in ing["instances"]}
-        lost = sum(max(0, res["per_server"][s] - cur[f"bench-{s}"]["last_seq"])
-                   for s in range(SERVERS))
+        applied = sum(cur[f"bench-{s}"]["applied"] for s in range(SERVERS))
+        if retry:  # acknowledged batches the shared state does not hold
+            lost = sum(max(0, res["per_server"][s] - cur[f"bench-{s}"]["last_seq"])
+                       for s in range(SERVERS))
+        else:  # batches a server sent (or tried to) that the state does not hold
+            lost = res["sent_batches"] - applied
         gaps = sum(c["gaps"] for c in cur.values())
         dups = sum(c["duplicates"] for c in cur.values())
-        expected_keys = sum(res["per_server"]) * entries
+        expected_keys = (sum(res["per_server"]) if retry else applied) * entries
         return {"sent_batches": res["sent_batches"], "batches_lost": lost, "gaps": gaps,
                 "duplicates": dups, "retried_requests": res["retried"],
                 "failed_over": res["failed_over"], "keys": ing["keys"],
                 "expected_keys": expected_keys, "killed": a.poll() == -9,
                 "wall_s": res["wall_s"], "batches_per_server": batches, "entries": entries,
-                "kill_after_s": kill_after}
+                "kill_after_s": kill_after, "retry": retry, "applied": applied,
+                "dropped_by_servers": res["dropped_by_servers"]}
     finally:
         kill(a)
         kill(b)
@@ -418,6 +428,16 @@ def markdown(res: dict[str, Any]) -> str:
                   f"applied before it died, sent again to B): {f['duplicates']}; requests "
                   f"retried: {f['retried_requests']}; keys {f['keys']:,} of "
                   f"{f['expected_keys']:,} expected."]
+    g = res.get("failover_no_retry")
+    if g:
+        lines += ["", f"The same without retries, as an LMCache server behaves (its event sink "
+                      f"drops a batch whose POST failed and goes on with the next seq): "
+                      f"{g['sent_batches']:,} batches sent, {g['dropped_by_servers']} dropped "
+                      f"by the servers (their POST failed: in flight to A when it died, or "
+                      f"sent to A before they noticed), {g['applied']:,} applied; the state "
+                      f"lacks {g['batches_lost']} of them and flags {g['gaps']} seq gaps, "
+                      f"so `kvctl instances` shows which servers' directory slices are "
+                      f"incomplete. Nothing already applied was lost."]
     return "\n".join(lines) + "\n"
 
 
@@ -463,16 +483,18 @@ def main() -> None:
             finally:
                 kill(proc)
         if "failover" not in skip:
-            res["failover"] = run_failover(tmp, redis_url, 5 if args.quick else 40, 20,
-                                           kill_after=1.0 if args.quick else 4.0)
+            nbf, after = (5, 1.0) if args.quick else (40, 4.0)
+            res["failover"] = run_failover(tmp, redis_url, nbf, 20, after)
             print(json.dumps(res["failover"]), flush=True)
+            res["failover_no_retry"] = run_failover(tmp, redis_url, nbf, 20, after, retry=False)
+            print(json.dumps(res["failover_no_retry"]), flush=True)
     finally:
         kill(redis_proc)
         shutil.rmtree(tmp, ignore_errors=True)
     res["load"] = [load0, os.getloadavg()[0]]
     if args.merge and args.json and args.json.exists():
         old = json.loads(args.json.read_text())
-        for k in ("ingest", "lookup", "http_lookup", "failover"):
+        for k in ("ingest", "lookup", "http_lookup", "failover", "failover_no_retry"):
             if k not in res and k in old:
                 res[k] = old[k]
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
