@@ -307,8 +307,8 @@ def run_lookup(sizes: list[int], rounds: int, redis_url: str) -> list[dict[str, 
             out.append(row)
         # Redis: the same directory, shared (10^6 keys take a while to fill; 10^5 here)
         if n <= 100_000:
-            r = redis_sync.Redis.from_url(redis_url)
-            r.flushdb()
+            r = redis_sync.Redis.from_url(redis_url, socket_timeout=300)
+            r.flushdb(asynchronous=False)
             mem0 = int(r.info("memory")["used_memory"])
 
             async def redis_case(n: int = n, r: Any = r, mem0: int = mem0) -> dict[str, Any]:
@@ -325,7 +325,7 @@ def run_lookup(sizes: list[int], rounds: int, redis_url: str) -> list[dict[str, 
             row = asyncio.run(redis_case())
             print(json.dumps(row), flush=True)
             out.append(row)
-            r.flushdb()
+            r.flushdb(asynchronous=False)
     return out
 
 
