@@ -2,7 +2,7 @@
 
 The config file is ``<user config dir>/kvctl/config.yaml`` (``typer.get_app_dir``), or the
 file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id,
-auth_token. The token has no flag (a flag shows in `ps`) and is never printed.
+auth_token, coordinator. The token has no flag (a flag shows in `ps`) and is never printed.
 `resolve` reads the file once and records where each value came from (`kvctl config show`).
 """
 
@@ -21,14 +21,15 @@ DEFAULT_TOKENIZER = "smollm2"
 DEFAULT_INSTANCE_ID = "lmcache_default_instance"
 DEFAULT_METHOD = "cachegen"
 DEFAULT_LOCATION = "LocalCPUBackend"
-FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "auth_token")
+FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "auth_token", "coordinator")
 SECRET_KEYS = frozenset({"auth_token"})
 ENV_VARS = {"controller": "KVCTL_CONTROLLER", "timeout": "KVCTL_TIMEOUT",
             "tokenizer": "KVCTL_TOKENIZER", "instance_id": "KVCTL_INSTANCE_ID",
-            "auth_token": "KVCTL_AUTH_TOKEN"}
+            "auth_token": "KVCTL_AUTH_TOKEN", "coordinator": "KVCTL_COORDINATOR"}
+# coordinator: an LMCache MP coordinator (kvctl's or upstream's); none = the controller API
 DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT_TIMEOUT,
                             "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID,
-                            "auth_token": None}
+                            "auth_token": None, "coordinator": None}
 
 
 def config_path() -> Path:
@@ -100,6 +101,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     tokenizer: str = DEFAULT_TOKENIZER
     instance_id: str = DEFAULT_INSTANCE_ID
+    coordinator: str | None = None
     # the bearer token of a server run with --auth-token; repr=False: never in a traceback
     auth_token: str | None = field(default=None, repr=False)
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -118,6 +120,7 @@ class Flags:
     timeout: float | None = None
     tokenizer: str | None = None
     instance_id: str | None = None
+    coordinator: str | None = None
     auth_token: str | None = field(default=None, repr=False)  # no CLI flag: API use only
 
 
@@ -149,4 +152,6 @@ def resolve(flags: Flags | None = None) -> Settings:
     return Settings(controller=check_url(str(values["controller"]), sources["controller"]),
                     timeout=timeout,
                     tokenizer=str(values["tokenizer"]), instance_id=str(values["instance_id"]),
-                    auth_token=str(token) if token else None, sources=sources)
+                    auth_token=str(token) if token else None,
+                    coordinator=normalize_url(str(values["coordinator"]))
+                    if values["coordinator"] else None, sources=sources)

@@ -107,6 +107,9 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
         socks.append(("controller", _bind(settings.host, settings.port, "controller")))
         if settings.monitor_port is not None:
             socks.append(("monitor", _bind(settings.host, settings.monitor_port, "monitor")))
+        if settings.coordinator_port is not None:
+            socks.append(("coordinator", _bind(settings.host, settings.coordinator_port,
+                                               "coordinator")))
         serve_engine = settings.model != "none" and settings.embedded_worker
         if serve_engine:
             socks.append(("engine", _bind(settings.host, settings.engine_port, "engine")))
@@ -124,6 +127,10 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
     apps: dict[str, FastAPI] = {"controller": controller_app}
     if settings.monitor_port is not None:
         apps["monitor"] = create_monitor_app(controller_app)
+    if settings.coordinator_port is not None:
+        from kvctl.server.coordinator.app import create_coordinator_app
+
+        apps["coordinator"] = create_coordinator_app(settings)
     if serve_engine:
         from kvctl.server.engine.core import create_engine_app
 

@@ -354,7 +354,8 @@ def test_settings_precedence_flag_env_file(cli_server, cli_env, monkeypatch):
         "timeout": {"value": 5.0, "source": str(cli_env)},
         "tokenizer": {"value": "smollm2", "source": "default"},
         "instance_id": {"value": "from-file", "source": str(cli_env)},
-        "auth_token": {"value": None, "source": "default"}}
+        "auth_token": {"value": None, "source": "default"},
+        "coordinator": {"value": None, "source": "default"}}
     # the file's controller is the one used; its instance is unknown there
     r = run_cli("compress", "--tokens", "1,2", expected_exit_code=2)
     assert "unknown instance_id 'from-file'" in r.stderr
@@ -386,7 +387,7 @@ def test_bad_settings_file_is_one_line(cli_env):
     cli_env.write_text("controler: http://x\n")
     r = run_cli("codecs", expected_exit_code=1)
     assert r.stderr == (f"error: config file {cli_env}: unknown key(s) controler; known: "
-                        "controller, timeout, tokenizer, instance_id, auth_token\n")
+                        "controller, timeout, tokenizer, instance_id, auth_token, coordinator\n")
     run_cli("codecs", "--help")  # help still works
 
 
