@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 LMCACHE_SPEC ?= lmcache==0.5.6
 # What LMCache's server, L1, storage manager and FS adapter import on CPU; the wheel's other
 # requirements are CUDA packages (cupy, cuda-python, nvtx, cufile) a CPU machine cannot use.
-LMCACHE_PY_DEPS := aiofiles aiohttp blake3 cachetools cryptography msgspec py-cpuinfo pyzmq
+LMCACHE_PY_DEPS := aiofile aiofiles aiohttp blake3 cachetools cryptography msgspec py-cpuinfo pyzmq
 
 .PHONY: setup serve test lint bench completions clean
 

@@ -21,5 +21,5 @@ def discover(name: str, folder: str) -> list[str]:
 setup(
     package_dir=ROOTS,
     packages=[pkg for name, folder in ROOTS.items() for pkg in discover(name, folder)],
-    package_data={"": ["*.txt", "*.json"]},
+    package_data={"": ["*.txt", "*.json", "*.kvb"]},
 )

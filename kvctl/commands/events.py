@@ -94,6 +94,10 @@ def watch(
                     if watch_all:
                         events.update(_new_events(client, seen))
                     live.update(events_table(events.values()), refresh=True)
+            if not console.is_terminal:
+                # Live leaves its last frame without a final newline when it is not
+                # drawing on a terminal: a file or a pipe gets a last line like any other
+                console.line()
         except KeyboardInterrupt:
             raise KvctlError("stopped watching; the events keep running on the controller",
                              EXIT_INTERRUPTED) from None

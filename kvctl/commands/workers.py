@@ -39,8 +39,8 @@ def workers(
         metavar="[INSTANCE]...", show_default=False,
         help="Only the workers of these instances.")] = None,
 ) -> None:
-    """Workers of every instance: address, heartbeat, alive/dead, and per tier chunks, bytes
-    per codec and the engine's hit rate."""
+    """Workers of every instance: kind (kvctl / LMCache), address, heartbeat, alive/dead, and
+    per tier chunks, bytes per codec and the engine's hit rate."""
     st = state(ctx)
     with st.client() as client:
         found = client.workers()
@@ -57,11 +57,17 @@ def workers(
     now = time.time()
     for w in found:
         alive = w.get("state") == "alive"
+        lmcache = w.get("kind") == "lmcache"
+        kind = f"LMCache worker {w.get('worker_id')}" if lmcache else "kvctl"
+        extra = ""
+        if lmcache:
+            extra = (f", {w.get('key_count') or 0} chunks, directory {w.get('directory')}"
+                     + ("" if w.get("held_here", True) else ", held by another controller"))
         st.out.markup(
-            f"[bold]{escape(str(w.get('instance_id')))}[/] "
+            f"[bold]{escape(str(w.get('instance_id')))}[/] ({escape(kind)}) "
             f"[{'green' if alive else 'red'}]{escape(str(w.get('state')))}[/] at "
             f"{escape(str(w.get('url')))}, heartbeat "
-            f"{escape(_age(w.get('last_heartbeat_time'), now))}")
+            f"{escape(_age(w.get('last_heartbeat_time'), now))}{escape(extra)}")
         locs = w.get("locations") or []
         rows = [(loc.get("location"), loc.get("chunks"), fmt_bytes(loc.get("bytes")),
                  fmt_bytes(loc.get("capacity_bytes"))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -60,6 +61,9 @@ CODEC_NICENESS = 10
 
 
 def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
+    # Ctrl-C reaches the whole process group: the owner stops the pool in order; a child
+    # must not die mid-wait on its own (and print a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(CODEC_NICENESS)
     if torch_threads:
@@ -83,16 +87,18 @@ def _exit_with(owner_pid: int) -> None:
             os._exit(0)
 
 
-def transcode_blob(blob: bytes, codec: str, params_json: str, device: str
-                   ) -> tuple[bytes, float]:
+def transcode_blob(blob: bytes, codec: str, params_json: str, device: str,
+                   history: tuple[str, ...] = ()) -> tuple[bytes, float]:
     """Decode a chunk blob and encode it with codec ``codec`` built from ``params_json``
-    (its params, a model's step profile included); runs in a codec process.
+    (its params, a model's step profile included), recording ``history`` (the lossy methods
+    the KV has been through) in the new blob; runs in a codec process.
 
     Only bytes and strings cross the process boundary (the pool's own pipe between processes
     this worker started); blobs are parsed by the codecs' format, never unpickled.
     """
     t0 = time.perf_counter()
-    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device))
+    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device),
+                                                             history=history)
     return new, time.perf_counter() - t0
 
 
