@@ -21,5 +21,7 @@ def discover(name: str, folder: str) -> list[str]:
 setup(
     package_dir=ROOTS,
     packages=[pkg for name, folder in ROOTS.items() for pkg in discover(name, folder)],
-    package_data={"": ["*.txt", "*.json", "*.kvb"]},
+    # every file in a package folder, whatever its kind (texts, profiles, bases, the Redis
+    # Lua script): a list of extensions forgot redis_layout.lua (tests/test_packaging.py)
+    package_data={"": ["*"]},
 )
