@@ -2,10 +2,12 @@
 that real kvctl processes export, and a `kvctl worker` publishes its own codec and tier
 counters.
 
-Scraped on loopback: `kvctl serve --model none` (controller + embedded worker, monitor port),
-`kvctl worker --model none` (a worker port, after a real compress through the controller) and
-the engine port of a `kvctl worker` whose model cannot load (the engine serves its /metrics
-whatever the model does; loading SmolLM2 here would only cost time).
+Scraped on loopback: `kvctl serve --model none --coordinator-port` (controller + embedded
+worker on the monitor port; the MP coordinator, fed one registration and one event batch as an
+LMCache MP server sends them), `kvctl worker --model none` (a worker port, after a real
+compress through the controller) and the engine port of a `kvctl worker` whose model cannot
+load (the engine serves its /metrics whatever the model does; loading SmolLM2 here would only
+cost time).
 """
 
 from __future__ import annotations
@@ -107,18 +109,39 @@ def put_raw_chunk(worker: str, tokens: list[int]) -> None:
     assert r.status_code == 200, r.text
 
 
+def feed_coordinator(coord: str) -> None:
+    """What an LMCache MP server sends first: its registration, then a batch of stores."""
+    r = httpx.post(coord + "/instances", json={"instance_id": "mp-a", "ip": "127.0.0.1",
+                                               "http_port": free_port()}, timeout=10)
+    assert r.status_code == 200, r.text
+    key = {"chunk_hash_hex": "ab" * 16, "model_name": "m", "kv_rank": 16777472,
+           "object_group_id": 0, "cache_salt": ""}
+    r = httpx.post(coord + "/events", json={"batches": [{
+        "instance_id": "mp-a", "incarnation": 1, "seq": 1, "event_type": "store",
+        "tier": "l1", "backend": "dram", "entries": [
+            {"key": key, "size_bytes": 100, "token_ids": [], "token_offset": -1}]}]},
+        timeout=10)
+    assert r.status_code == 200, r.text
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("dash")
-    port, monitor = free_port(), free_port()
+    port, monitor, coord_port = free_port(), free_port(), free_port()
     cfg = tmp / "serve.yaml"
-    cfg.write_text(yaml.safe_dump({"heartbeat_interval_s": 0.3, "dead_after_s": 3.0}))
+    # the MP server registered below never heartbeats: it stays registered for the test
+    cfg.write_text(yaml.safe_dump({"heartbeat_interval_s": 0.3, "dead_after_s": 3.0,
+                                   "coordinator_instance_timeout_s": 600}))
     serve = _spawn("serve", ["serve", "--config", str(cfg), "--model", "none",
-                             "--port", str(port), "--monitor-port", str(monitor)], tmp)
+                             "--port", str(port), "--monitor-port", str(monitor),
+                             "--coordinator-port", str(coord_port)], tmp)
     procs = [serve]
     try:
         api, mon = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{monitor}"
-        wait_for(lambda: _ok(mon + "/healthz"), 90, "kvctl serve did not start", serve)
+        coord = f"http://127.0.0.1:{coord_port}"
+        wait_for(lambda: _ok(mon + "/healthz") and _ok(coord + "/healthz"), 90,
+                 "kvctl serve did not start", serve)
+        feed_coordinator(coord)
         worker = start_worker(tmp, "dash-worker", [mon], model="none")
         procs.append(worker)
         (tmp / "no-model").mkdir()
@@ -129,7 +152,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         wait_for(lambda: _ok(engine.urls["engine"] + "/metrics"), 90,
                  "the engine port did not answer", engine)
         yield {"api": api, "monitor": mon, "worker": worker.urls["worker"],
-               "engine": engine.urls["engine"]}
+               "engine": engine.urls["engine"], "coordinator": coord}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -165,7 +188,8 @@ def test_every_dashboard_and_alert_expression_names_exported_metrics(
     # traffic on each app first, so that labelled histograms have their series
     for base in (cluster["api"], cluster["monitor"], cluster["worker"], cluster["engine"]):
         httpx.get(base + "/metrics", timeout=10)
-    have = exported(cluster["monitor"], cluster["worker"], cluster["engine"])
+    have = exported(cluster["monitor"], cluster["worker"], cluster["engine"],
+                    cluster["coordinator"])
     exprs = dashboard_exprs() + alert_exprs()
     assert len(exprs) > 20
     problems = []
@@ -222,11 +246,12 @@ def query(prom: str, expr: str) -> dict:
 
 def test_prometheus_evaluates_every_expression_on_real_scrapes(cluster: dict[str, str],
                                                                tmp_path: Path) -> None:
-    """A real Prometheus scrapes the three ports, loads the alert rules and answers every
+    """A real Prometheus scrapes the four ports, loads the alert rules and answers every
     dashboard query without an error; the cluster's basic series are there."""
     exe = prometheus_tool("prometheus")
     port = free_port()
-    hostport = {k: cluster[k].removeprefix("http://") for k in ("monitor", "worker", "engine")}
+    hostport = {k: cluster[k].removeprefix("http://")
+                for k in ("monitor", "worker", "engine", "coordinator")}
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -249,9 +274,9 @@ def test_prometheus_evaluates_every_expression_on_real_scrapes(cluster: dict[str
             except httpx.HTTPError:
                 return False
             return bool(r.get("data", {}).get("result")) and \
-                len(query(prom, "up")["data"]["result"]) == 3
+                len(query(prom, "up")["data"]["result"]) == len(hostport)
 
-        wait_for(scraped_thrice, 60, "prometheus did not scrape the three ports")
+        wait_for(scraped_thrice, 60, "prometheus did not scrape the four ports")
         problems = []
         for expr in dashboard_exprs() + alert_exprs():
             r = query(prom, expr.replace("$__rate_interval", "1m"))
@@ -261,7 +286,8 @@ def test_prometheus_evaluates_every_expression_on_real_scrapes(cluster: dict[str
         for expr in ("kvctl_worker_up", "sum by (state) (kvctl_workers)",
                      "sum by (app) (rate(kvctl_http_request_duration_seconds_count[1m]))",
                      "sum by (location, codec) (kvctl_store_codec_bytes)",
-                     "kvctl_engine_running", "kvctl_worker_registered"):
+                     "kvctl_engine_running", "kvctl_worker_registered",
+                     "kvctl_coordinator_instance_up", "kvctl_coordinator_keys"):
             assert query(prom, expr)["data"]["result"], expr
 
         def rules_evaluated() -> list[dict] | None:
