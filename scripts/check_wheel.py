@@ -217,15 +217,17 @@ def _stop(proc: subprocess.Popen, what: str, log: Path) -> None:
 
 def run_servers(bindir: Path, work: Path) -> None:
     serve_log, worker_log = work / "serve.log", work / "worker.log"
-    serve = _start(bindir, ["serve", "--model", "none", "--port", "0", "--monitor-port", "0"],
-                   serve_log, work)
+    serve = _start(bindir, ["serve", "--model", "none", "--port", "0", "--monitor-port", "0",
+                            "--coordinator-port", "0"], serve_log, work)
     worker = None
     try:
-        _poll(lambda: {"controller", "monitor"} <= _urls(serve_log).keys(), "kvctl serve",
-              serve, serve_log)
+        _poll(lambda: {"controller", "monitor", "coordinator"} <= _urls(serve_log).keys(),
+              "kvctl serve", serve, serve_log)
         urls = _urls(serve_log)
-        _poll(lambda: httpx.get(urls["monitor"] + "/healthz", timeout=2).status_code == 200,
-              "kvctl serve /healthz", serve, serve_log)
+        for part in ("monitor", "coordinator"):
+            _poll(lambda part=part: httpx.get(urls[part] + "/healthz", timeout=2
+                                              ).status_code == 200,
+                  f"kvctl serve: the {part}'s /healthz", serve, serve_log)
         mon = urls["monitor"].removeprefix("http://")
         worker = _start(bindir, ["worker", "--model", "none", "--controller", mon,
                                  "--instance-id", "wheel-check"], worker_log, work)
@@ -278,8 +280,9 @@ def main() -> int:
                         "warm_up_codecs; warm_up_codecs()"], check=True, cwd=work, timeout=600)
         print(f"clean venv: codecs compiled ({time.monotonic() - t0:.0f} s)", flush=True)
         run_servers(bindir, work)
-        print(f"clean venv: kvctl serve and kvctl worker (--model none) ready, worker "
-              f"registered, /metrics served ({time.monotonic() - t0:.0f} s)", flush=True)
+        print(f"clean venv: kvctl serve (with a coordinator) and kvctl worker (--model none) "
+              f"ready, worker registered, /metrics served ({time.monotonic() - t0:.0f} s)",
+              flush=True)
     except (CheckFailed, subprocess.CalledProcessError) as exc:
         print(f"check_wheel: FAILED: {exc}", file=sys.stderr)
         return 1
