@@ -18,22 +18,23 @@ class WorkersCollector(Collector):
         self.views = views
 
     def collect(self) -> Iterator[Any]:
+        # an LMCache fleet's instance has one worker per rank: the worker id is in each key
+        lab = ["instance_id", "worker_id"]
         up = GaugeMetricFamily("kvctl_worker_up", "1 if the worker heartbeats, else 0",
-                               labels=["instance_id"])
+                               labels=lab)
         age = GaugeMetricFamily("kvctl_worker_heartbeat_age_seconds",
-                                "Seconds since the worker's last heartbeat",
-                                labels=["instance_id"])
+                                "Seconds since the worker's last heartbeat", labels=lab)
         chunks = GaugeMetricFamily("kvctl_worker_chunks", "Chunks held per worker and location",
-                                   labels=["instance_id", "location"])
+                                   labels=[*lab, "location"])
         nbytes = GaugeMetricFamily("kvctl_worker_bytes", "Bytes held per worker and location",
-                                   labels=["instance_id", "location"])
+                                   labels=[*lab, "location"])
         for v in self.views:
-            iid = v["instance_id"]
-            up.add_metric([iid], 1.0 if v["state"] == "alive" else 0.0)
-            age.add_metric([iid], v["heartbeat_age_s"])
+            key = [str(v["instance_id"]), str(v.get("worker_id", 0))]
+            up.add_metric(key, 1.0 if v["state"] == "alive" else 0.0)
+            age.add_metric(key, v["heartbeat_age_s"])
             for loc in v["locations"]:
-                chunks.add_metric([iid, loc["location"]], loc["chunks"])
-                nbytes.add_metric([iid, loc["location"]], loc["bytes"])
+                chunks.add_metric([*key, loc["location"]], loc["chunks"])
+                nbytes.add_metric([*key, loc["location"]], loc["bytes"])
         states = GaugeMetricFamily("kvctl_workers", "Registered workers, by state",
                                    labels=["state"])
         for state in ("alive", "dead"):
