@@ -18,6 +18,7 @@ Usage: ``python scripts/check_wheel.py [--keep DIR]`` (run by .ci/run; ~30-60 s)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -194,8 +195,16 @@ def _start(bindir: Path, args: list[str], log: Path, cwd: Path) -> subprocess.Po
     env.update(PYTHONUNBUFFERED="1", KVCTL_DEVICE="cpu", HOME=str(cwd),
                XDG_CONFIG_HOME=str(cwd / ".config"))
     with log.open("w") as f:
+        # a session of its own: whatever it starts (codec pool, forkserver) can be killed
+        # with it if it does not stop
         return subprocess.Popen([str(bindir / "kvctl"), *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _stop(proc: subprocess.Popen, what: str, log: Path) -> None:
@@ -206,10 +215,11 @@ def _stop(proc: subprocess.Popen, what: str, log: Path) -> None:
             # tens of seconds on a busy 2-core machine) before it exits
             proc.wait(STOP_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_group(proc)
             proc.wait(10)
             raise CheckFailed(f"{what} did not stop on SIGINT:\n"
                               f"{log.read_text()[-2000:]}") from None
+    _kill_group(proc)  # anything it left behind
     if proc.returncode not in (0, 130, -signal.SIGINT):
         raise CheckFailed(f"{what} exited {proc.returncode} on SIGINT:\n"
                           f"{log.read_text()[-2000:]}")
@@ -245,9 +255,11 @@ def run_servers(bindir: Path, work: Path) -> None:
             if name not in text:
                 raise CheckFailed(f"the worker's /metrics has no {name}")
     finally:
-        if worker is not None:
-            _stop(worker, "kvctl worker", worker_log)
-        _stop(serve, "kvctl serve", serve_log)
+        try:
+            if worker is not None:
+                _stop(worker, "kvctl worker", worker_log)
+        finally:  # a worker that would not stop must not leave the controller running
+            _stop(serve, "kvctl serve", serve_log)
 
 
 def main() -> int:
