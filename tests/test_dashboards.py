@@ -233,6 +233,43 @@ def test_every_expression_is_valid_promql(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(rules)} rules found" in r.stdout + r.stderr
 
 
+def test_alerts_fire_on_the_series_they_are_for(tmp_path: Path) -> None:
+    """promtool's rule tests: a worker silent past `for` fires KvctlWorkerDead; one that
+    comes back clears it; a tier that keeps failing reads fires KvctlTierReadFailures."""
+    tool = promtool()
+    rules = {r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"]
+             for r in g["rules"]}
+    worker = {"instance_id": "a", "worker_id": "0"}
+    tier = {"instance": "node1:8100", "location": "RemoteBackend"}
+
+    def fired(name: str, labels: dict[str, str]) -> dict:
+        notes = {k: v.replace("{{ $labels.instance_id }}", labels.get("instance_id", ""))
+                 .replace("{{ $labels.worker_id }}", labels.get("worker_id", ""))
+                 .replace("{{ $labels.instance }}", labels.get("instance", ""))
+                 .replace("{{ $labels.location }}", labels.get("location", ""))
+                 for k, v in rules[name]["annotations"].items()}
+        return {"exp_labels": {**labels, **rules[name]["labels"]}, "exp_annotations": notes}
+
+    spec = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": 'kvctl_worker_up{instance_id="a",worker_id="0"}',
+             "values": "1 0 0 0 1 1"},
+            {"series": 'kvctl_tier_read_failures_total{instance="node1:8100",'
+                       'location="RemoteBackend"}', "values": "0+10x12"}],
+        "alert_rule_test": [
+            {"eval_time": "1m", "alertname": "KvctlWorkerDead", "exp_alerts": []},  # pending
+            {"eval_time": "3m", "alertname": "KvctlWorkerDead",
+             "exp_alerts": [fired("KvctlWorkerDead", worker)]},
+            {"eval_time": "5m", "alertname": "KvctlWorkerDead", "exp_alerts": []},
+            {"eval_time": "12m", "alertname": "KvctlTierReadFailures",
+             "exp_alerts": [fired("KvctlTierReadFailures", tier)]}]}]}
+    path = tmp_path / "alerts.test.yml"
+    path.write_text(yaml.safe_dump(spec))
+    r = subprocess.run([tool, "test", "rules", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_the_check_finds_a_wrong_name() -> None:
     """The comparison above can fail: a misspelt metric or label is reported."""
     assert names_in("rate(kvctl_tier_hit_total[5m])") == {"kvctl_tier_hit_total"}
