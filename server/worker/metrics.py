@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -86,8 +85,3 @@ class RuntimeCollector(Collector):
             n.add_metric(list(key), rt.codec_times.chunks.get(key, 0))
         yield from (secs, n)
 
-
-def render_metrics(runtime: WorkerRuntime) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RuntimeCollector(runtime))
-    return generate_latest(registry)

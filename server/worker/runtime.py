@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
+from kvctl.codecs import CodecError, codec_for_method, get_codec, peek_blob
 from kvctl.common.calibration import ModelProfile, codec_for, load_profile
 from kvctl.common.model import served_name
 from kvctl.server.chunks import ChunkRef, chunk_refs
@@ -386,11 +386,6 @@ class WorkerRuntime:
                 out[name] = refs[-1].end
         return out
 
-    def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
-        """LMCache's ``layout_info``: the location with the longest prefix (the fastest of
-        equals)."""
-        return self.layout_info(self.lookup_tiers(tokens))
-
     def layout_info(self, tiers: dict[str, int]) -> dict[str, list[Any]]:
         best: tuple[str, int] | None = None
         for name, n in tiers.items():
@@ -452,58 +447,18 @@ class WorkerRuntime:
                 "error_code": code, "locations": locs, "queue_depth": self.queue_depth()}
 
     # ---- the engine's side ----------------------------------------------------------
-    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None
-                 ) -> int:
-        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk.
+    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk, into every
+        configured tier (write-through, see TieredStore). Chunks already present (possibly
+        compressed) are left alone. Returns chunks written (summed over tiers)."""
+        return sum(self.store.store(self.refs(tokens), kv).values())
 
-        Without ``location``, write-through: into every configured tier (see TieredStore).
-        Chunks already present (possibly compressed) are left alone. Returns chunks written
-        (summed over tiers).
-        """
-        import torch
-
-        if location is None:
-            return sum(self.store.store(self.refs(tokens), kv).values())
-        backend = self.backend(location)
-        written = 0
-        for ref in self.refs(tokens):
-            if ref.end > kv.shape[2] or backend.contains(ref.key):
-                continue
-            part = kv[:, :, ref.start:ref.end].to(torch.float16)
-            backend.put(ref.key, self._raw.encode(part), ref.num_tokens)
-            written += 1
-        return written
-
-    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None,
-                    location: str | None = None) -> tuple[int, torch.Tensor | None]:
-        """The stored KV of the longest stored prefix of ``tokens``, decoding as needed.
-
-        Without ``location``, read-through: each chunk from the fastest tier holding it.
-        """
-        import torch
-
-        if location is None:
-            got = self.store.load(self.refs(tokens), max_tokens)
-            return got.num_tokens, got.kv
-        backend = self.backend(location)
-        parts = []
-        n = 0
-        for ref in self.refs(tokens):
-            blob = backend.get(ref.key)
-            if blob is None:
-                break
-            try:
-                parts.append(decode_blob(blob, device=self.device))
-            except CodecError as exc:
-                log.warning("stored chunk %s is unreadable (%s); recomputing it", ref.key, exc)
-                break
-            n = ref.end
-        if not parts:
-            return 0, None
-        kv = torch.cat(parts, dim=2)
-        if max_tokens is not None and n > max_tokens:
-            kv, n = kv[:, :, :max_tokens], max_tokens
-        return n, kv
+    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None
+                    ) -> tuple[int, torch.Tensor | None]:
+        """The stored KV of the longest stored prefix of ``tokens``, each chunk read from
+        the fastest tier holding it (read-through), decoding as needed."""
+        got = self.store.load(self.refs(tokens), max_tokens)
+        return got.num_tokens, got.kv
 
     # ---- lifecycle ------------------------------------------------------------------
     def queue_depth(self) -> int:
