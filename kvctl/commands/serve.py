@@ -10,12 +10,13 @@ from typing import Annotated
 
 import typer
 
+from kvctl.common.defaults import AUTH_TOKEN_ENV, CONFIG_FILE_ENV
 from kvctl.errors import KvctlError, UsageError
 
 
 def serve(
     config: Annotated[Path | None, typer.Option(
-        "--config", "-c", envvar="LMCACHE_CONFIG_FILE", dir_okay=False, metavar="FILE",
+        "--config", "-c", envvar=CONFIG_FILE_ENV, dir_okay=False, metavar="FILE",
         show_default=False,
         help="LMCache-style YAML config (both seed files work unchanged); flags win over it. "
              "\\[default: none, built-in settings]")] = None,
@@ -51,7 +52,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(
         "--access-log", help="Log every HTTP request.")] = False,
     auth_token: Annotated[str | None, typer.Option(
-        envvar="KVCTL_AUTH_TOKEN", show_envvar=True, metavar="TOKEN", show_default=False,
+        envvar=AUTH_TOKEN_ENV, show_envvar=True, metavar="TOKEN", show_default=False,
         help="Require this bearer token on every port (prefer the environment variable: "
              "flags show in `ps`).")] = None,
     insecure: Annotated[bool, typer.Option(

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from kvctl.common.defaults import AUTH_TOKEN_ENV, CONFIG_FILE_ENV
 from kvctl.errors import KvctlError, UsageError
 
 
@@ -16,7 +17,7 @@ def worker(
         typer.Option(
             "--config",
             "-c",
-            envvar="LMCACHE_CONFIG_FILE",
+            envvar=CONFIG_FILE_ENV,
             dir_okay=False,
             help="LMCache-style YAML config: lmcache_instance_id, controller_url (the "
             "controller's monitor port), lmcache_worker_port, storage tiers.",
@@ -90,7 +91,7 @@ def worker(
     auth_token: Annotated[
         str | None,
         typer.Option(
-            envvar="KVCTL_AUTH_TOKEN",
+            envvar=AUTH_TOKEN_ENV,
             show_envvar=True,
             metavar="TOKEN",
             show_default=False,

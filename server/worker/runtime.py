@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvctl.codecs import CodecError, codec_for_method, get_codec, peek_blob
 from kvctl.common.calibration import ModelProfile, codec_for, load_profile
+from kvctl.common.defaults import DEVICE_ENV, env
 from kvctl.common.model import served_name
 from kvctl.server.chunks import ChunkRef, chunk_refs
 from kvctl.server.config import ServerSettings
@@ -102,7 +102,7 @@ class WorkerRuntime:
         # Locations that answer from this process's memory (no network round trip).
         self.all_local = all(isinstance(b, LocalCPUBackend | LocalDiskBackend)
                              for b in self.backends.values())
-        self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+        self.device = _pick_device(env(DEVICE_ENV, "auto") or "auto")
         # The step profile of the model this worker's engine runs: a bundled model's is
         # committed (read now); another model's is measured once its engine has loaded it
         # (set_profile). Until then, and without a model, codecs use equal steps.
