@@ -133,7 +133,7 @@ def test_tokenize_command_plain_and_stdin(llama3):
     assert r.stdout.strip() == ",".join(map(str, SEED_IDS)) and "12 tokens" in r.stderr
     # stdin is read exactly: a final newline is part of the prompt (".\n" is one token)
     r = CliRunner().invoke(app, ["tokenize", "-t", "llama3", "-"], input=SEED_PROMPT + "\n")
-    assert r.stdout.strip() == ",".join(map(str, SEED_IDS[:-1] + [627]))
+    assert r.stdout.strip() == ",".join(map(str, [*SEED_IDS[:-1], 627]))
 
 
 def test_tokenize_bad_tokenizer_is_one_line():
