@@ -22,7 +22,7 @@ from kvctl.common.events import ENDED
 from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
 from kvctl.settings import Settings
 
-__all__ = ["ENDED", "ControllerClient", "ControllerError", "UntrackedEvents"]
+__all__ = ["ENDED", "ControllerClient", "ControllerError", "NoWorkerList", "UntrackedEvents"]
 PROBE_PATH = "/openapi.json"
 PROBE_MAX_BYTES = 4 * 1024 * 1024  # an OpenAPI document is tens of KiB; never read more
 
@@ -107,6 +107,10 @@ def classify(spec: Any) -> Peer:
         return Peer("lmcache", "upstream LMCache's controller")
     return Peer("unknown", f"a server titled {title!r}" if title else
                 "a server that is not a kvctl controller")
+
+
+class NoWorkerList(KvctlError):
+    """The controller has no /workers (upstream LMCache's): only per-instance queries."""
 
 
 def _detail(r: httpx.Response) -> str:
@@ -262,9 +266,9 @@ class ControllerClient:
             reply = self.request("GET", "/workers")
         except ControllerError as exc:
             if _route_missing(exc):
-                raise KvctlError(f"the controller at {self.base_url} does not list its workers "
-                                 "(upstream LMCache's has no /workers; `kvctl serve` does); "
-                                 "use `kvctl health`") from None
+                raise NoWorkerList(f"the controller at {self.base_url} does not list its "
+                                   "workers (upstream LMCache's has no /workers; `kvctl serve` "
+                                   "does); use `kvctl health --instance-id ID`") from None
             raise
         found = reply.get("workers") if isinstance(reply, dict) else None
         if not isinstance(found, list) or not all(isinstance(w, dict) for w in found):
@@ -310,9 +314,12 @@ class ControllerClient:
                 raise
         return self.check_finish(event_id)
 
-    def events(self, status: str | None = None, limit: int | None = None
+    def events(self, status: str | None = None, limit: int | None = None,
+               instance: str | None = None, method: str | None = None
                ) -> list[dict[str, Any]]:
-        params = {k: v for k, v in (("status", status), ("limit", limit)) if v is not None}
+        params = {k: v for k, v in (("status", status), ("limit", limit),
+                                    ("instance", instance), ("method", method))
+                  if v is not None}
         try:
             reply = self.request("GET", "/events", params=params or None)
         except ControllerError as exc:

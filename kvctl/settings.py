@@ -2,7 +2,7 @@
 
 The config file is ``<user config dir>/kvctl/config.yaml`` (``typer.get_app_dir``), or the
 file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id,
-auth_token. The token has no flag (a flag shows in `ps`) and is never printed.
+auth_token, coordinator. The token has no flag (a flag shows in `ps`) and is never printed.
 `resolve` reads the file once and records where each value came from (`kvctl config show`).
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 from kvctl.common.defaults import (
     AUTH_TOKEN_ENV,
     CONTROLLER_ENV,
+    COORDINATOR_ENV,
     DEFAULT_CONTROLLER,
     DEFAULT_INSTANCE_ID,
     DEFAULT_LOCATION,
@@ -32,13 +33,15 @@ from kvctl.errors import KvctlError, UsageError
 __all__ = ["DEFAULT_CONTROLLER", "DEFAULT_INSTANCE_ID", "DEFAULT_LOCATION", "DEFAULT_METHOD",
            "DEFAULT_TIMEOUT", "DEFAULT_TOKENIZER", "Flags", "Settings", "config_path",
            "resolve"]
-FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "auth_token")
+FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "auth_token", "coordinator")
 SECRET_KEYS = frozenset({"auth_token"})
 ENV_VARS = {"controller": CONTROLLER_ENV, "timeout": TIMEOUT_ENV, "tokenizer": TOKENIZER_ENV,
-            "instance_id": INSTANCE_ID_ENV, "auth_token": AUTH_TOKEN_ENV}
+            "instance_id": INSTANCE_ID_ENV, "auth_token": AUTH_TOKEN_ENV,
+            "coordinator": COORDINATOR_ENV}
+# coordinator: an LMCache MP coordinator (kvctl's or upstream's); none = the controller API
 DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT_TIMEOUT,
                             "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID,
-                            "auth_token": None}
+                            "auth_token": None, "coordinator": None}
 
 
 def config_path() -> Path:
@@ -110,6 +113,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     tokenizer: str = DEFAULT_TOKENIZER
     instance_id: str = DEFAULT_INSTANCE_ID
+    coordinator: str | None = None
     # the bearer token of a server run with --auth-token; repr=False: never in a traceback
     auth_token: str | None = field(default=None, repr=False)
     sources: dict[str, str] = field(default_factory=dict, compare=False)
@@ -128,6 +132,7 @@ class Flags:
     timeout: float | None = None
     tokenizer: str | None = None
     instance_id: str | None = None
+    coordinator: str | None = None
     auth_token: str | None = field(default=None, repr=False)  # no CLI flag: API use only
 
 
@@ -159,4 +164,6 @@ def resolve(flags: Flags | None = None) -> Settings:
     return Settings(controller=check_url(str(values["controller"]), sources["controller"]),
                     timeout=timeout,
                     tokenizer=str(values["tokenizer"]), instance_id=str(values["instance_id"]),
-                    auth_token=str(token) if token else None, sources=sources)
+                    auth_token=str(token) if token else None,
+                    coordinator=normalize_url(str(values["coordinator"]))
+                    if values["coordinator"] else None, sources=sources)

@@ -14,6 +14,7 @@ from kvctl.settings import Flags, Settings, resolve
 
 if TYPE_CHECKING:
     from kvctl.client import ControllerClient
+    from kvctl.coordinator_client import CoordinatorClient
 
 
 @dataclass
@@ -60,6 +61,18 @@ class State:
                         f"({', '.join(found)}); name one with --instance-id (or "
                         "KVCTL_INSTANCE_ID)")
         return self._instance
+
+    def coordinator(self, what: str) -> CoordinatorClient:
+        """The client of the MP coordinator the settings name; a usage error without one."""
+        from kvctl.coordinator_client import CoordinatorClient
+        from kvctl.errors import UsageError
+
+        url = self.settings.coordinator
+        if not url:
+            raise UsageError(f"{what} talks to an LMCache MP coordinator: pass --coordinator "
+                             "URL (kvctl serve --coordinator-port, or `lmcache coordinator`) "
+                             "or set KVCTL_COORDINATOR")
+        return CoordinatorClient(url, self.settings.timeout, self.settings.auth_token)
 
 
 def state(ctx: typer.Context) -> State:

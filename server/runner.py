@@ -19,6 +19,7 @@ from kvctl.server.config import ServerSettings
 from kvctl.server.http.app import create_app, install_error_handlers
 from kvctl.server.http.auth import check_exposure, client_headers, is_loopback
 from kvctl.server.http.limits import install_guards
+from kvctl.server.http.metrics import install_request_metrics
 from kvctl.server.http.routers import cluster, events
 from kvctl.server.worker.runtime import WorkerRuntime
 
@@ -33,6 +34,8 @@ def create_monitor_app(controller_app: FastAPI) -> FastAPI:
     app = FastAPI(title="kvctl monitor", docs_url=None, redoc_url=None)
     app.state.parent = controller_app
     install_guards(app, controller_app.state.settings)
+    # one histogram with the controller's: both are the controller, on two ports
+    install_request_metrics(app, "monitor", controller_app.state.request_metrics)
     app.include_router(events.router)
     app.include_router(cluster.router)
     install_error_handlers(app)
@@ -104,6 +107,9 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
         socks.append(("controller", _bind(settings.host, settings.port, "controller")))
         if settings.monitor_port is not None:
             socks.append(("monitor", _bind(settings.host, settings.monitor_port, "monitor")))
+        if settings.coordinator_port is not None:
+            socks.append(("coordinator", _bind(settings.host, settings.coordinator_port,
+                                               "coordinator")))
         serve_engine = settings.model != "none" and settings.embedded_worker
         if serve_engine:
             socks.append(("engine", _bind(settings.host, settings.engine_port, "engine")))
@@ -121,6 +127,10 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
     apps: dict[str, FastAPI] = {"controller": controller_app}
     if settings.monitor_port is not None:
         apps["monitor"] = create_monitor_app(controller_app)
+    if settings.coordinator_port is not None:
+        from kvctl.server.coordinator.app import create_coordinator_app
+
+        apps["coordinator"] = create_coordinator_app(settings)
     if serve_engine:
         from kvctl.server.engine.core import create_engine_app
 
@@ -170,8 +180,8 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
         raise
     host = advertised_host(settings, urls[0])
     runtime = WorkerRuntime(settings)
-    plan: list[tuple[str, FastAPI, socket.socket]] = [
-        ("worker", create_worker_app(runtime), socks[0][1])]
+    worker_app = create_worker_app(runtime)
+    plan: list[tuple[str, FastAPI, socket.socket]] = [("worker", worker_app, socks[0][1])]
     engine_url = None
     if settings.model != "none":
         from kvctl.server.engine.core import create_engine_app
@@ -180,6 +190,7 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
         engine_url = _url(host, socks[1][1])
     beat = Heartbeat(runtime, urls, _url(host, socks[0][1]), engine_url,
                      settings.heartbeat_interval_s)
+    worker_app.state.heartbeat = beat  # its liveness counters, on the worker's /metrics
     try:
         serve_apps(plan, access_log, background=beat.run, on_stop=beat.deregister)
     finally:
@@ -227,6 +238,8 @@ class Heartbeat:
         self.engine_url = engine_url
         self.interval_s = interval_s
         self.registered_with: str | None = None
+        self.beats_ok = 0  # for /metrics
+        self.beats_failed = 0
 
     async def run(self) -> None:
         import httpx
@@ -295,7 +308,9 @@ class Heartbeat:
                 log.info("instance %s registered with the controller at %s",
                          self.runtime.instance_id, base)
             self.registered_with = base
+            self.beats_ok += 1
             return
+        self.beats_failed += 1
         if self.registered_with is not None or not errors:
             log.warning("no controller reachable (%s); still serving, will register again "
                         "when one answers", "; ".join(errors))

@@ -299,7 +299,7 @@ def test_watch_all_with_nothing_running(cli_server):
 # ------------------------------------------------------------------------ cluster ----
 def test_health_workers_codecs(cli_server):
     r = run_cli("health", "--json")
-    assert set(json.loads(r.stdout)["error_codes"].values()) == {0}
+    assert json.loads(r.stdout)["instances"][INSTANCE]["error_codes"] == {"0": 0}
     assert "healthy" in run_cli("health").stdout
     [w] = json.loads(run_cli("workers", "--json").stdout)["workers"]
     assert w["instance_id"] == INSTANCE and w["state"] == "alive"
@@ -355,7 +355,8 @@ def test_settings_precedence_flag_env_file(cli_server, cli_env, monkeypatch):
         "timeout": {"value": 5.0, "source": str(cli_env)},
         "tokenizer": {"value": "smollm2", "source": "default"},
         "instance_id": {"value": "from-file", "source": str(cli_env)},
-        "auth_token": {"value": None, "source": "default"}}
+        "auth_token": {"value": None, "source": "default"},
+        "coordinator": {"value": None, "source": "default"}}
     # the file's controller is the one used; its instance is unknown there
     r = run_cli("compress", "--tokens", "1,2", expected_exit_code=2)
     assert "unknown instance_id 'from-file'" in r.stderr
@@ -387,7 +388,7 @@ def test_bad_settings_file_is_one_line(cli_env):
     cli_env.write_text("controler: http://x\n")
     r = run_cli("codecs", expected_exit_code=1)
     assert r.stderr == (f"error: config file {cli_env}: unknown key(s) controler; known: "
-                        "controller, timeout, tokenizer, instance_id, auth_token\n")
+                        "controller, timeout, tokenizer, instance_id, auth_token, coordinator\n")
     run_cli("codecs", "--help")  # help still works
 
 
@@ -549,7 +550,7 @@ def test_5xx_shows_detail_and_markup_is_not_interpreted(faulty):
 
 
 def test_non_json_reply_from_a_controller(faulty):
-    r = run_cli("health", expected_exit_code=1)
+    r = run_cli("--instance-id", "i", "health", expected_exit_code=1)
     assert r.stderr.startswith(f"error: the controller at {faulty} answered /health with "
                                "something that is not JSON: '<html>proxy error</html>'")
 

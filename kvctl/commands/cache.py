@@ -9,12 +9,15 @@ import typer
 from kvctl.commands._common import Operation, TokenInput, finish_op, run_operation
 from kvctl.errors import EXIT_FAILURE, UsageError
 from kvctl.options import (
+    CacheSaltOpt,
     LocationOpt,
     MethodOpt,
+    ModelNameOpt,
     PromptArg,
     TokensFileOpt,
     TokensOpt,
     WaitOpt,
+    WorldSizeOpt,
 )
 from kvctl.output import kv_table
 from kvctl.settings import DEFAULT_LOCATION, DEFAULT_METHOD
@@ -70,13 +73,24 @@ def lookup(
     prompt: PromptArg = None,
     tokens: TokensOpt = None,
     tokens_file: TokensFileOpt = None,
+    model_name: ModelNameOpt = None,
+    world_size: WorldSizeOpt = 1,
+    cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Show where the longest stored prefix of a prompt's KV lives, tier by tier (exit 2 if
-    nowhere)."""
+    nowhere).
+
+    With --coordinator: every chunk's placements on the MP fleet, per instance and tier.
+    """
     from kvctl.errors import Rejected
 
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
+    if st.settings.coordinator:
+        from kvctl.commands import fleet
+
+        fleet.lookup(st, ids, model_name, world_size, cache_salt)
+        return
     with st.client() as client:
         reply = client.lookup(ids)
     layout = reply.get("layout_info") or {}
@@ -122,10 +136,18 @@ def pin(
     tokens_file: TokensFileOpt = None,
     location: LocationOpt = DEFAULT_LOCATION,
     wait: WaitOpt = False,
+    model_name: ModelNameOpt = None,
+    world_size: WorldSizeOpt = 1,
+    cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Protect a prompt's stored KV from eviction (exit 2 if nothing is stored)."""
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
+    if st.settings.coordinator:  # an MP fleet: pins are the coordinator's, fleet-wide
+        from kvctl.commands import fleet
+
+        fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=False)
+        return
     inst = st.instance_id()
     run_operation(st, Operation("pin", location, wait=wait,
                                 call=lambda c, t: c.pin(inst, location, t)), ids)
@@ -138,10 +160,18 @@ def unpin(
     tokens_file: TokensFileOpt = None,
     location: LocationOpt = DEFAULT_LOCATION,
     wait: WaitOpt = False,
+    model_name: ModelNameOpt = None,
+    world_size: WorldSizeOpt = 1,
+    cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Let a prompt's stored KV be evicted again (kvctl's server only)."""
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
+    if st.settings.coordinator:  # an MP fleet: pins are the coordinator's, fleet-wide
+        from kvctl.commands import fleet
+
+        fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=True)
+        return
     inst = st.instance_id()
     run_operation(st, Operation("unpin", location, wait=wait,
                                 call=lambda c, t: c.unpin(inst, location, t)), ids)

@@ -48,8 +48,8 @@ def _read(path: Path) -> bytes:
 def _method(codec: str, params: dict[str, Any]) -> str:
     """The controller method string of a codec + params (e.g. cachegen-compact)."""
     level = params.get("level")
-    if codec == "cachegen" and level and level != "default":
-        return f"cachegen-{level}"
+    if codec in ("cachegen", "kvtc") and level and level != "default":
+        return f"{codec}-{level}"
     if codec == "kivi" and "bits" in params:
         return f"kivi-{params['bits']}"
     return codec
@@ -92,7 +92,26 @@ def describe_blob(data: bytes) -> dict[str, Any]:
         "ratio_vs_fp16": 2 * elements / info.total_bytes if info.total_bytes else 0.0,
         "bits_per_element": info.bits_per_element, "checksum_ok": checksum_ok,
         "format_version": info.version, "history": list(info.history),
+        **_basis_facts(info.params),
     }
+
+
+def _basis_facts(params: dict[str, Any]) -> dict[str, Any]:
+    """A transform-coded blob's basis: its id and whether this machine has it (and for
+    which model), since decoding needs it."""
+    if "basis" not in params:
+        return {}
+    from kvctl.codecs import CodecError
+    from kvctl.codecs.basis import find_basis
+
+    bid = params["basis"]
+    if bid is None:
+        return {"basis": None, "basis_found": True, "basis_model": None}
+    try:
+        b = find_basis(bid)
+    except CodecError:
+        return {"basis": bid, "basis_found": False, "basis_model": None}
+    return {"basis": bid, "basis_found": True, "basis_model": b.model}
 
 
 def inspect(
@@ -149,6 +168,11 @@ def _facts_rows(facts: dict[str, Any]) -> list[tuple[str, str]]:
                  ("dtype", facts["dtype"])]
         if facts.get("history"):
             rows.append(("lossy history", ", ".join(facts["history"])))
+        if "basis" in facts:
+            rows.append(("basis", "none (identity transform)" if facts["basis"] is None
+                         else f"{facts['basis']} ("
+                         + (f"found, model {facts['basis_model']}" if facts["basis_found"]
+                            else "NOT on this machine: decoding fails") + ")"))
     else:
         rows += [("groups", ", ".join(f"{s} {d}" for s, d in
                                       zip(facts["shapes"], facts["dtypes"], strict=True)))]

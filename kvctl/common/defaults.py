@@ -19,6 +19,7 @@ DEFAULT_LOCATION = "LocalCPUBackend"
 
 # ---- environment variables ----------------------------------------------------------------
 CONTROLLER_ENV = "KVCTL_CONTROLLER"
+COORDINATOR_ENV = "KVCTL_COORDINATOR"  # an LMCache MP coordinator instead of the controller
 TIMEOUT_ENV = "KVCTL_TIMEOUT"
 TOKENIZER_ENV = "KVCTL_TOKENIZER"
 INSTANCE_ID_ENV = "KVCTL_INSTANCE_ID"

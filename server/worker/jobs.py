@@ -15,7 +15,9 @@ import signal
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from prometheus_client import Histogram
 
 from kvctl.codecs import codec_for_method, decode_blob, get_codec
 from kvctl.server.config import ServerSettings
@@ -23,12 +25,29 @@ from kvctl.server.config import ServerSettings
 RAW_METHOD = "raw"
 
 
+# one chunk through a codec: ~1 ms (raw, a small chunk) to seconds (a long chunk, slow level)
+CODEC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _codec_histogram() -> Histogram:
+    return Histogram("kvctl_codec_duration_seconds",
+                     "Time one chunk spent in a codec job (decode + encode), by op and method",
+                     labelnames=["op", "method"], buckets=CODEC_BUCKETS, registry=None)
+
+
 @dataclass
 class CodecTimes:
-    """Cumulative codec seconds and chunk counts per (op, method), for /metrics."""
+    """Cumulative codec seconds and chunk counts per (op, method), and the time per chunk
+    as a histogram, for /metrics."""
 
     seconds: dict[tuple[str, str], float]
     chunks: dict[tuple[str, str], int]
+    durations: Histogram = field(default_factory=_codec_histogram)
+
+    def add(self, key: tuple[str, str], elapsed: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + elapsed
+        self.chunks[key] = self.chunks.get(key, 0) + 1
+        self.durations.labels(*key).observe(elapsed)
 
 
 def checksum(blob: bytes) -> str:

@@ -298,8 +298,7 @@ class WorkerRuntime:
             with self._stats_lock:
                 # a decompress is counted under the codec it actually decoded
                 k = (op, method if op == "compress" else _metric_label(before))
-                self.codec_times.seconds[k] = self.codec_times.seconds.get(k, 0.0) + elapsed
-                self.codec_times.chunks[k] = self.codec_times.chunks.get(k, 0) + 1
+                self.codec_times.add(k, elapsed)
                 if op == "compress":
                     self.bytes_saved += len(blob) - len(new)
             self.events.progress(ev, len(blob), len(new))
@@ -428,16 +427,25 @@ class WorkerRuntime:
 
     # ---- status ------------------------------------------------------------------------
     def locations(self) -> tuple[list[dict[str, Any]], int]:
-        """Stats per location and an error code: 0 healthy, 1 a location is unreachable."""
+        """Stats per location and an error code: 0 healthy, 1 a location is unreachable.
+
+        With each location, its bytes per codec and the engine's reads from it since start
+        (hits, misses, failed reads) and its evictions: what `kvctl workers` shows."""
         out, code = [], 0
+        c = self.store.counters
         for name, backend in self.backends.items():
             try:
                 s = backend.stats()
             except Exception:  # an unreachable Redis is reported, not raised
                 code = 1
                 continue
+            with c.lock:
+                reads = {t: getattr(c, t).get(name, 0)
+                         for t in ("hits", "misses", "read_failures")}
             out.append({"location": name, "chunks": s.chunks, "bytes": s.bytes,
-                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks})
+                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks,
+                        "bytes_by_codec": dict(sorted(s.bytes_by_codec.items())),
+                        "evictions": s.evictions, **reads})
         return out, code
 
     def info(self) -> dict[str, Any]:

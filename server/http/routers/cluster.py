@@ -30,9 +30,8 @@ router = APIRouter(tags=["cluster"])
 @router.post("/health", response_model=HealthResponse)
 async def health(body: HealthRequest, request: Request) -> HealthResponse:
     """Error code per worker of an instance: 0 healthy, 1 a storage location failed, 2 dead."""
-    views = await controller(request).workers(body.instance_id)
-    return HealthResponse(event_id=f"health-{uuid.uuid4().hex}",
-                          error_codes={v["worker_id"]: v["error_code"] for v in views},
+    codes, views = await controller(request).health_codes(body.instance_id)
+    return HealthResponse(event_id=f"health-{uuid.uuid4().hex}", error_codes=codes,
                           workers=views)  # type: ignore[arg-type]
 
 
@@ -91,5 +90,6 @@ async def metrics(request: Request) -> Response:
 
     ctl = controller(request)
     views = await ctl.workers()
-    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views)
+    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views,
+                                   getattr(request.app.state, "request_metrics", None))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
