@@ -9,13 +9,13 @@ kvctl's has (ingest state) is asked of kvctl's alone.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
 from kvctl.client import PROBE_MAX_BYTES, PROBE_PATH, _detail
+from kvctl.common.defaults import AUTH_TOKEN_ENV, env
 from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
 
 KVCTL_TITLE = "kvctl coordinator"
@@ -48,10 +48,11 @@ def _error_detail(r: httpx.Response) -> str:
 class CoordinatorClient:
     """Synchronous client of one MP coordinator."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, auth_token: str | None = None
+                 ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        token = os.environ.get("KVCTL_AUTH_TOKEN")
+        token = auth_token or env(AUTH_TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._kind: str | None = None

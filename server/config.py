@@ -15,13 +15,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvctl.common.defaults import (
+    AUTH_TOKEN_ENV,
+    CONFIG_FILE_ENV,
+    DEFAULT_INSTANCE_ID,
+    DEFAULT_MODEL,
+    env,
+)
 from kvctl.server.redact import redact
 
 log = logging.getLogger("kvctl.server")
 
-DEFAULT_INSTANCE_ID = "lmcache_default_instance"
-CONFIG_ENV = "LMCACHE_CONFIG_FILE"
-AUTH_TOKEN_ENV = "KVCTL_AUTH_TOKEN"
 
 # LMCache keys that are meaningful upstream but configure nothing in the bundled server:
 # accepted (a real LMCache config loads) and named in a warning.
@@ -74,7 +78,7 @@ class ServerSettings(BaseModel):
     port: int = Field(9000, ge=0, le=65535)
     monitor_port: int | None = Field(9001, ge=0, le=65535)
     engine_port: int = Field(8000, ge=0, le=65535)
-    model: str = "smollm2"
+    model: str = DEFAULT_MODEL
     codec_threads: int = Field(1, ge=1, le=64, description="size of the codec worker pool")
     torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
     max_request_tokens: int = Field(1_000_000, ge=1)
@@ -318,10 +322,11 @@ def build_settings(config_file: str | os.PathLike[str] | None = None,
 
     Overrides whose value is None are ignored, so CLI flags left unset fall through.
     """
-    source = str(config_file or os.environ.get(CONFIG_ENV) or "")
+    source = str(config_file or env(CONFIG_FILE_ENV) or "")
     data = load_config_file(source) if source else {}
-    if os.environ.get(AUTH_TOKEN_ENV):  # the environment beats the file, a flag beats both
-        data["auth_token"] = os.environ[AUTH_TOKEN_ENV]
+    token = env(AUTH_TOKEN_ENV)
+    if token:  # the environment beats the file, a flag beats both
+        data["auth_token"] = token
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return ServerSettings(**data)

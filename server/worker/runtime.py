@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
+from kvctl.codecs import CodecError, codec_for_method, get_codec, peek_blob
 from kvctl.common.calibration import ModelProfile, codec_for, load_profile
+from kvctl.common.defaults import DEVICE_ENV, env
 from kvctl.common.model import served_name
 from kvctl.server.chunks import ChunkRef, chunk_refs
 from kvctl.server.config import ServerSettings
@@ -102,7 +102,7 @@ class WorkerRuntime:
         # Locations that answer from this process's memory (no network round trip).
         self.all_local = all(isinstance(b, LocalCPUBackend | LocalDiskBackend)
                              for b in self.backends.values())
-        self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+        self.device = _pick_device(env(DEVICE_ENV, "auto") or "auto")
         # The step profile of the model this worker's engine runs: a bundled model's is
         # committed (read now); another model's is measured once its engine has loaded it
         # (set_profile). Until then, and without a model, codecs use equal steps.
@@ -385,11 +385,6 @@ class WorkerRuntime:
                 out[name] = refs[-1].end
         return out
 
-    def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
-        """LMCache's ``layout_info``: the location with the longest prefix (the fastest of
-        equals)."""
-        return self.layout_info(self.lookup_tiers(tokens))
-
     def layout_info(self, tiers: dict[str, int]) -> dict[str, list[Any]]:
         best: tuple[str, int] | None = None
         for name, n in tiers.items():
@@ -460,58 +455,18 @@ class WorkerRuntime:
                 "error_code": code, "locations": locs, "queue_depth": self.queue_depth()}
 
     # ---- the engine's side ----------------------------------------------------------
-    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None
-                 ) -> int:
-        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk.
+    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk, into every
+        configured tier (write-through, see TieredStore). Chunks already present (possibly
+        compressed) are left alone. Returns chunks written (summed over tiers)."""
+        return sum(self.store.store(self.refs(tokens), kv).values())
 
-        Without ``location``, write-through: into every configured tier (see TieredStore).
-        Chunks already present (possibly compressed) are left alone. Returns chunks written
-        (summed over tiers).
-        """
-        import torch
-
-        if location is None:
-            return sum(self.store.store(self.refs(tokens), kv).values())
-        backend = self.backend(location)
-        written = 0
-        for ref in self.refs(tokens):
-            if ref.end > kv.shape[2] or backend.contains(ref.key):
-                continue
-            part = kv[:, :, ref.start:ref.end].to(torch.float16)
-            backend.put(ref.key, self._raw.encode(part), ref.num_tokens)
-            written += 1
-        return written
-
-    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None,
-                    location: str | None = None) -> tuple[int, torch.Tensor | None]:
-        """The stored KV of the longest stored prefix of ``tokens``, decoding as needed.
-
-        Without ``location``, read-through: each chunk from the fastest tier holding it.
-        """
-        import torch
-
-        if location is None:
-            got = self.store.load(self.refs(tokens), max_tokens)
-            return got.num_tokens, got.kv
-        backend = self.backend(location)
-        parts = []
-        n = 0
-        for ref in self.refs(tokens):
-            blob = backend.get(ref.key)
-            if blob is None:
-                break
-            try:
-                parts.append(decode_blob(blob, device=self.device))
-            except CodecError as exc:
-                log.warning("stored chunk %s is unreadable (%s); recomputing it", ref.key, exc)
-                break
-            n = ref.end
-        if not parts:
-            return 0, None
-        kv = torch.cat(parts, dim=2)
-        if max_tokens is not None and n > max_tokens:
-            kv, n = kv[:, :, :max_tokens], max_tokens
-        return n, kv
+    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None
+                    ) -> tuple[int, torch.Tensor | None]:
+        """The stored KV of the longest stored prefix of ``tokens``, each chunk read from
+        the fastest tier holding it (read-through), decoding as needed."""
+        got = self.store.load(self.refs(tokens), max_tokens)
+        return got.num_tokens, got.kv
 
     # ---- lifecycle ------------------------------------------------------------------
     def queue_depth(self) -> int:
