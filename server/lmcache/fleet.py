@@ -65,6 +65,9 @@ SYNC_RETRY_S = 30.0
 MAX_SYNC_BATCHES = 100_000
 JOB_OPS = ("compress", "decompress", "pin", "clear", "move")
 REFRESH_S = 0.5
+# a worker heard from this recently before the controller started gets dead_after_s after the
+# start to be heard again: a restart's own downtime does not make every worker dead
+RESTART_GRACE_S = 300.0
 
 
 @dataclass
@@ -275,9 +278,11 @@ class LMCacheFleet:
         self._writes: asyncio.Queue[Awaitable[Any]] = asyncio.Queue(maxsize=10_000)
         self._writer: asyncio.Task[None] | None = None
         self._refreshed = -REFRESH_S
+        self.started_at = time.time()
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
+        self.started_at = time.time()
         if self.store.persistent:
             for w in await self.store.workers():
                 self.workers[(w.instance_id, w.worker_id)] = w
@@ -525,7 +530,12 @@ class LMCacheFleet:
                 self.workers[k] = w
 
     def _alive(self, w: LMWorker, now: float) -> bool:
-        if w.alive(self.settings.dead_after_s, now):
+        dead_after = self.settings.dead_after_s
+        if w.alive(dead_after, now):
+            return True
+        if ((w.instance_id, w.worker_id) not in self.local
+                and now - self.started_at <= dead_after
+                and self.started_at - w.last_heartbeat <= RESTART_GRACE_S):
             return True
         # a worker runs a command on its only thread: no heartbeat while it compresses
         t = self.transports.get((w.instance_id, w.worker_id))
