@@ -3,7 +3,10 @@ built by LMCacheEngineBuilder from an upstream YAML config, whose LMCacheWorker 
 the controller the config names. No vLLM: a small CPU connector of ours copies SmolLM2's real
 KV ([L, 2, T, H, D]) into LMCache's KV_2LTD memory objects and back.
 
-    python -m tests.lmcache_instance CONFIG.yaml
+    python -m tests.lmcache_instance CONFIG.yaml [WORKER_ID WORLD_SIZE]
+
+(WORKER_ID of WORLD_SIZE: one tensor-parallel rank of the instance; its LMCacheWorker takes
+``lmcache_worker_ports[WORKER_ID]``.)
 
 Driven by JSON lines on stdin, one answer line on stdout each:
     {"op": "store", "tokens": [...]}      -> {"ok": true}
@@ -64,6 +67,7 @@ class CpuKVConnector:
 
 def main() -> None:
     config_path = sys.argv[1]
+    worker_id, world_size = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
@@ -82,8 +86,9 @@ def main() -> None:
 
     config = LMCacheEngineConfig.from_file(config_path)
     L, H, D = lm.num_layers, lm.num_kv_heads, lm.head_dim
-    metadata = LMCacheMetadata(model_name=model_dir, world_size=1, local_world_size=1,
-                               worker_id=0, local_worker_id=0, kv_dtype=torch.float16,
+    metadata = LMCacheMetadata(model_name=model_dir, world_size=world_size,
+                               local_world_size=world_size, worker_id=worker_id,
+                               local_worker_id=worker_id, kv_dtype=torch.float16,
                                kv_shape=(L, 2, config.chunk_size, H, D))
     connector = Connector(L, H, D)
     engine = LMCacheEngineBuilder.get_or_create(
