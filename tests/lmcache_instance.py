@@ -13,6 +13,7 @@ Driven by JSON lines on stdin, one answer line on stdout each:
     {"op": "retrieve", "tokens": [...]}   -> {"ok": true, "retrieved": n, "max_abs_err": x}
     {"op": "lookup", "tokens": [...]}     -> {"ok": true, "hit": n}
     {"op": "warm", "tokens": [...]}       -> {"ok": true}   (KV computed, nothing stored)
+    {"op": "formats"}                     -> {"ok": true, "formats": [...], "bytes": n}
 The first line it prints is {"ready": true} once the engine is built.
 """
 
@@ -123,6 +124,12 @@ def main() -> None:
             elif req["op"] == "warm":   # compute the KV now, so a later store is quick
                 kv_of(tokens)
                 out = {"ok": True}
+            elif req["op"] == "formats":  # the memory format of each object LocalCPU holds
+                cpu = engine.storage_manager.local_cpu_backend
+                with cpu.cpu_lock:
+                    objs = list(cpu.hot_cache.values())
+                out = {"ok": True, "formats": sorted(o.get_memory_format().name for o in objs),
+                       "bytes": sum(o.get_size() for o in objs)}
             elif req["op"] == "lookup":
                 out = {"ok": True, "hit": int(engine.lookup(tokens))}
             else:

@@ -68,3 +68,7 @@ def test_commands_fan_out_to_every_rank_and_must_agree(tp):
     assert (ev["status"], ev["num_tokens"]) == ("finished", 512), ev
     h = httpx.post(api + "/health", json={"instance_id": INST}).json()
     assert h["error_codes"] == {"0": 0, "1": 0}
+    metrics = httpx.get(api + "/metrics").text
+    assert f'kvctl_worker_up{{instance_id="{INST}"}} 1.0' in metrics
+    assert f'kvctl_worker_chunks{{instance_id="{INST}",location="{LOC}"}} 4.0' in metrics
+    assert "kvctl_lmcache_full_syncs_total 0.0" in metrics

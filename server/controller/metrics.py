@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvctl.server.worker.metrics import RuntimeCollector
@@ -27,20 +27,53 @@ class WorkersCollector(Collector):
                                    labels=["instance_id", "location"])
         nbytes = GaugeMetricFamily("kvctl_worker_bytes", "Bytes held per worker and location",
                                    labels=["instance_id", "location"])
+        # one sample per instance: an LMCache instance has a worker per tensor-parallel rank
+        # (up only if every rank is, the oldest heartbeat, chunks summed over ranks)
+        per: dict[str, dict[str, Any]] = {}
         for v in self.views:
-            iid = v["instance_id"]
-            up.add_metric([iid], 1.0 if v["state"] == "alive" else 0.0)
-            age.add_metric([iid], v["heartbeat_age_s"])
+            e = per.setdefault(v["instance_id"], {"up": 1.0, "age": 0.0, "chunks": {},
+                                                  "bytes": {}})
+            e["up"] = min(e["up"], 1.0 if v["state"] == "alive" else 0.0)
+            e["age"] = max(e["age"], v["heartbeat_age_s"])
             for loc in v["locations"]:
-                chunks.add_metric([iid, loc["location"]], loc["chunks"])
-                nbytes.add_metric([iid, loc["location"]], loc["bytes"])
+                name = loc["location"]
+                e["chunks"][name] = e["chunks"].get(name, 0) + loc["chunks"]
+                e["bytes"][name] = e["bytes"].get(name, 0) + loc["bytes"]
+        for iid, e in per.items():
+            up.add_metric([iid], e["up"])
+            age.add_metric([iid], e["age"])
+            for name, n in e["chunks"].items():
+                chunks.add_metric([iid, name], n)
+                nbytes.add_metric([iid, name], e["bytes"][name])
         yield from (up, age, chunks, nbytes)
 
 
-def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]]
-                              ) -> bytes:
+class LMCacheWireCollector(Collector):
+    """Counters of the LMCache wire (`LMCacheFleet.stats`)."""
+
+    def __init__(self, stats: dict[str, Any]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        bad = CounterMetricFamily("kvctl_lmcache_bad_frames", "LMCache frames refused, by "
+                                  "reason", labels=["reason"])
+        for reason, n in sorted(self.stats["bad_frames"].items()):
+            bad.add_metric([reason], n)
+        syncs = CounterMetricFamily("kvctl_lmcache_full_syncs", "Full syncs asked of "
+                                    "LMCache workers")
+        syncs.add_metric([], self.stats["full_syncs_requested"])
+        dropped = CounterMetricFamily("kvctl_lmcache_dropped_admits", "Admits beyond "
+                                      "lmcache_max_keys, dropped")
+        dropped.add_metric([], self.stats["dropped_admits"])
+        yield from (bad, syncs, dropped)
+
+
+def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]],
+                              lmcache_stats: dict[str, Any] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     if runtime is not None:
         registry.register(RuntimeCollector(runtime))
     registry.register(WorkersCollector(views))
+    if lmcache_stats is not None:
+        registry.register(LMCacheWireCollector(lmcache_stats))
     return generate_latest(registry)

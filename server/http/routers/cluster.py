@@ -72,5 +72,6 @@ async def metrics(request: Request) -> Response:
 
     ctl = controller(request)
     views = await ctl.workers()
-    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views)
+    stats = ctl.lmcache.stats() if ctl.lmcache is not None else None
+    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views, stats)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
