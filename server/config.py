@@ -156,6 +156,35 @@ class ServerSettings(BaseModel):
             out[k] = port
         return out
 
+    # LMCache MP coordinator (`lmcache server --coordinator-url http://HOST:PORT`)
+    coordinator_port: int | None = Field(None, ge=0, le=65535, description="serve LMCache's "
+                                         "MP coordinator API here (LMCache's default: 9300)")
+    coordinator_allow: list[str] = Field(
+        default_factory=list, description="addresses/networks (besides loopback) whose MP "
+                                          "servers may register and post events")
+    coordinator_instance_timeout_s: float = Field(30.0, gt=0, le=3600, description="an MP "
+                                                  "server silent this long is deregistered")
+    coordinator_max_keys: int = Field(1_000_000, ge=1, description="most keys the directory "
+                                      "holds; store entries for new keys beyond are dropped "
+                                      "and counted")
+    coordinator_keep_token_ids: bool = Field(True, description="keep each chunk's token ids "
+                                             "(returned by lookups; ~1 KiB per key)")
+    coordinator_chunk_size: int = Field(256, ge=1, le=1 << 20, description="the MP servers' "
+                                        "chunk size, for hashing token ids")
+
+    @field_validator("coordinator_allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. "
+                                 "10.0.0.7 or 10.0.0.0/24)") from None
+        return [e.strip() for e in v]
+
     @field_validator("lmcache_instance_id")
     @classmethod
     def _nonempty(cls, v: str) -> str:

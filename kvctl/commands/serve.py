@@ -36,6 +36,15 @@ def serve(
         metavar="MODEL", show_default=False,
         help="Engine model: smollm2 or gemma3 (embedded), a local directory or .gguf file, "
              "or 'none' for no engine. \\[default: smollm2]")] = None,
+    coordinator_port: Annotated[int | None, typer.Option(
+        metavar="PORT", show_default=False,
+        help="Also serve LMCache's MP coordinator API here (`lmcache server "
+             "--coordinator-url http://HOST:PORT`; LMCache's default port is 9300). "
+             "\\[default: off]")] = None,
+    coordinator_allow: Annotated[list[str] | None, typer.Option(
+        metavar="ADDRESS", show_default=False,
+        help="An address or network (repeatable) whose MP servers may register and post "
+             "events, besides loopback. \\[default: loopback only]")] = None,
     codec_threads: Annotated[int | None, typer.Option(
         metavar="N", show_default=False,
         help="Codec jobs run at once, each in a process of its own. \\[default: 1]")
@@ -90,7 +99,9 @@ def serve(
                  "engine_port": engine_port, "model": model, "codec_threads": codec_threads,
                  "auth_token": auth_token, "insecure": insecure or None,
                  "state": state, "embedded_worker": worker,
-                 "lmcache_monitor_ports": monitor_ports, "lmcache_monitor_host": monitor_host}
+                 "lmcache_monitor_ports": monitor_ports, "lmcache_monitor_host": monitor_host,
+                 "coordinator_port": coordinator_port,
+                 "coordinator_allow": coordinator_allow or None}
     try:
         settings = build_settings(config, overrides)
     except ConfigError as exc:

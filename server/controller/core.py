@@ -150,6 +150,17 @@ class Controller:
                 "dead_after_s": self.settings.dead_after_s,
                 "registered_at": rec.registered_at, "controller_id": self.controller_id}
 
+    async def deregister(self, body: dict[str, Any]) -> bool:
+        """A worker stopping cleanly: shown dead from now on (not after dead_after_s).
+        Only the worker registered at that URL may say so; False when it is not the one."""
+        rec = await self.state.get_worker(str(body["instance_id"]))
+        if rec is None or rec.url != body["url"] or rec.stopped_at is not None:
+            return False
+        rec.stopped_at = time.time()
+        await self.state.put_worker(rec)
+        log.info("instance %s: worker at %s stopped (deregistered)", rec.instance_id, rec.url)
+        return True
+
     def transport(self, rec: WorkerRecord) -> WorkerTransport:
         if (self._local is not None and self.runtime is not None
                 and rec.instance_id == self.runtime.instance_id and rec.url == self.self_url):
@@ -165,6 +176,9 @@ class Controller:
         return t
 
     def _dead_reason(self, rec: WorkerRecord) -> str:
+        if rec.stopped_at is not None:
+            return (f"the worker of instance {rec.instance_id!r} at {rec.url} was stopped "
+                    f"{time.time() - rec.stopped_at:.0f} s ago (it deregistered)")
         age = time.time() - rec.last_heartbeat
         return (f"the worker of instance {rec.instance_id!r} at {rec.url} is dead: no "
                 f"heartbeat for {age:.0f} s (dead after {self.settings.dead_after_s:g} s)")
@@ -348,10 +362,16 @@ class Controller:
             raise UnknownEvent(f"unknown event_id {event_id!r} ({where})")
         return (await self._refresh([row]))[0].event
 
-    async def list_events(self, status: str | None, limit: int | None) -> list[Event]:
-        rows = await self.state.list_events(self.settings.max_events if status or not limit
+    async def list_events(self, status: str | None, limit: int | None,
+                          instance_id: str | None = None, method: str | None = None
+                          ) -> list[Event]:
+        filtered = bool(status or instance_id or method)
+        rows = await self.state.list_events(self.settings.max_events if filtered or not limit
                                             else limit)
-        evs = [r.event for r in await self._refresh(rows) if status in (None, r.event.status)]
+        evs = [r.event for r in await self._refresh(rows)
+               if status in (None, r.event.status)
+               and instance_id in (None, r.event.instance_id)
+               and (method is None or method_matches(r.event.method, method))]
         return evs[-limit:] if limit else evs
 
     async def _refresh(self, rows: list[EventRow]) -> list[EventRow]:
@@ -470,6 +490,11 @@ class Controller:
                 "last_heartbeat_time": rec.last_heartbeat,
                 "heartbeat_age_s": round(now - rec.last_heartbeat, 3),
                 "chunk_size": rec.chunk_size, "locations": locations}
+
+
+def method_matches(have: str | None, want: str) -> bool:
+    """``want`` names the method exactly (``kivi-2``) or its codec, every level (``kivi``)."""
+    return have is not None and (have == want or have.startswith(want + "-"))
 
 
 def _fail(ev: Event, reason: str) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvctl.server.worker.metrics import RuntimeCollector
+from kvctl.server.http.metrics import RequestMetrics
+from kvctl.server.worker.metrics import RuntimeCollector, process_collectors, render
 from kvctl.server.worker.runtime import WorkerRuntime
 
 
@@ -45,7 +45,11 @@ class WorkersCollector(Collector):
             for name, n in e["chunks"].items():
                 chunks.add_metric([iid, name], n)
                 nbytes.add_metric([iid, name], e["bytes"][name])
-        yield from (up, age, chunks, nbytes)
+        states = GaugeMetricFamily("kvctl_workers", "Registered workers, by state",
+                                   labels=["state"])
+        for state in ("alive", "dead"):
+            states.add_metric([state], sum(v["state"] == state for v in self.views))
+        yield from (up, age, chunks, nbytes, states)
 
 
 class LMCacheWireCollector(Collector):
@@ -69,11 +73,15 @@ class LMCacheWireCollector(Collector):
 
 
 def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]],
+                              requests: RequestMetrics | None = None,
                               lmcache_stats: dict[str, Any] | None = None) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    if runtime is not None:
-        registry.register(RuntimeCollector(runtime))
-    registry.register(WorkersCollector(views))
+    """The controller's /metrics: its workers, its requests, its process, the embedded
+    worker's tiers and codecs (when it runs one) and the LMCache wire (when it speaks it)."""
+    parts: list[Collector] = [WorkersCollector(views), *process_collectors("controller")]
     if lmcache_stats is not None:
-        registry.register(LMCacheWireCollector(lmcache_stats))
-    return generate_latest(registry)
+        parts.append(LMCacheWireCollector(lmcache_stats))
+    if runtime is not None:
+        parts.append(RuntimeCollector(runtime))
+    if requests is not None:
+        parts.append(requests.latency)
+    return render(*parts)

@@ -19,6 +19,7 @@ from kvctl.server import errors
 from kvctl.server.config import ServerSettings
 from kvctl.server.controller import Controller, open_state
 from kvctl.server.http.limits import install_guards
+from kvctl.server.http.metrics import install_request_metrics
 from kvctl.server.http.routers import cache, cluster, events, lmcache
 from kvctl.server.storage import StorageError
 from kvctl.server.worker.runtime import WorkerRuntime
@@ -132,4 +133,5 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     install_error_handlers(app)
     worker_app.install_ops(app)
     install_guards(app, settings)
+    install_request_metrics(app, "controller")
     return app

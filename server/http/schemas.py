@@ -111,6 +111,12 @@ class LocationInfo(BaseModel):
     bytes: int
     capacity_bytes: int | None
     pinned_chunks: int
+    # since the worker started; absent from workers of older kvctl releases (0, empty)
+    bytes_by_codec: dict[str, int] = Field(default_factory=dict, max_length=64)
+    hits: int = 0
+    misses: int = 0
+    read_failures: int = 0
+    evictions: int = 0
 
 
 class WorkerInfo(BaseModel):
@@ -154,6 +160,15 @@ class HeartbeatRequest(_Body):
     pid: int | None = None
 
 
+class DeregisterRequest(_Body):
+    instance_id: str
+    url: str = Field(description="the URL the worker registered with")
+
+
+class DeregisterResponse(BaseModel):
+    stopped: bool  # false: no such worker registered at that URL (nothing changed)
+
+
 class HeartbeatResponse(BaseModel):
     heartbeat_interval_s: float
     dead_after_s: float
@@ -164,6 +179,12 @@ class HeartbeatResponse(BaseModel):
 class WorkerInfoResponse(BaseModel):
     event_id: str
     worker_infos: list[WorkerInfo]
+
+
+class ClusterHealth(BaseModel):
+    status: Literal["ok"]
+    # "instance_id/worker_id" -> 0 healthy, 1 a storage location failed, 2 dead
+    error_codes: dict[str, int]
 
 
 class HealthRequest(_Body):
