@@ -181,9 +181,11 @@ def test_pin_compress_decompress_each_event_tracked(fleet):
         "finished"
     # a compress shows as evict + admit of the same keys: the directory still holds them
     held(fleet, a, fleet.full)
-    # a second compress of compressed chunks: the worker's ErrorMsg is the event's error
-    again = wait_event(fleet.api, op(fleet.api, "/compress", a, method="cachegen")["event_id"])
-    assert again["status"] == "failed" and "refused" in again["error"]
+    # a second compress of compressed chunks fails in LMCache and leaves them pinned:
+    # kvctl refuses it before it reaches the worker
+    again = httpx.post(fleet.api + "/compress", json={"instance_id": INST, "method": "cachegen",
+                                                      "location": LOC, "tokens": a})
+    assert again.status_code == 409 and "decompress them first" in again.json()["detail"]
     ev = op(fleet.api, "/decompress", a, method="cachegen")
     assert wait_event(fleet.api, ev["event_id"])["status"] == "finished"
     assert fleet.inst.send("retrieve", a)["retrieved"] == fleet.full
