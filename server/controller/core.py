@@ -399,7 +399,11 @@ class Controller:
             return
         idle = time.time() - row.touched_at
         if idle > self.settings.dead_after_s:
-            _fail(row.event, f"the controller relaying this move stopped (no progress for "
+            # a move is relayed (or, to an LMCache instance, driven) by its controller; any
+            # other owned event is a command this controller ran on an LMCache instance
+            what = ("relaying this move" if row.event.op == "move" else
+                    f"running this {row.event.op} on an LMCache instance")
+            _fail(row.event, f"the controller {what} stopped (no progress for "
                              f"{idle:.0f} s) after {row.event.chunks_done} of "
                              f"{row.event.chunks_total} chunks")
             self._spawn(self.state.put_event(row))

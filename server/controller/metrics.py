@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvctl.server.http.metrics import RequestMetrics
@@ -42,11 +42,34 @@ class WorkersCollector(Collector):
         yield from (up, age, chunks, nbytes, states)
 
 
+class LMCacheWireCollector(Collector):
+    """Counters of the LMCache wire (`LMCacheFleet.stats`)."""
+
+    def __init__(self, stats: dict[str, Any]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        bad = CounterMetricFamily("kvctl_lmcache_bad_frames", "LMCache frames refused, by "
+                                  "reason", labels=["reason"])
+        for reason, n in sorted(self.stats["bad_frames"].items()):
+            bad.add_metric([reason], n)
+        syncs = CounterMetricFamily("kvctl_lmcache_full_syncs", "Full syncs asked of "
+                                    "LMCache workers")
+        syncs.add_metric([], self.stats["full_syncs_requested"])
+        dropped = CounterMetricFamily("kvctl_lmcache_dropped_admits", "Admits beyond "
+                                      "lmcache_max_keys, dropped")
+        dropped.add_metric([], self.stats["dropped_admits"])
+        yield from (bad, syncs, dropped)
+
+
 def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]],
-                              requests: RequestMetrics | None = None) -> bytes:
-    """The controller's /metrics: its workers, its requests, its process, and the embedded
-    worker's tiers and codecs (when it runs one)."""
+                              requests: RequestMetrics | None = None,
+                              lmcache_stats: dict[str, Any] | None = None) -> bytes:
+    """The controller's /metrics: its workers, its requests, its process, the embedded
+    worker's tiers and codecs (when it runs one) and the LMCache wire (when it speaks it)."""
     parts: list[Collector] = [WorkersCollector(views), *process_collectors("controller")]
+    if lmcache_stats is not None:
+        parts.append(LMCacheWireCollector(lmcache_stats))
     if runtime is not None:
         parts.append(RuntimeCollector(runtime))
     if requests is not None:
