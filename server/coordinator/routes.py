@@ -169,7 +169,7 @@ async def post_events(request: Request) -> Any:
 
 # ---------------------------------------------------------------------- directory ----
 @directory.post("/directory/lookup")
-async def lookup(body: LookupRequest, request: Request) -> dict[str, Any]:
+async def lookup(body: LookupRequest, request: Request) -> Any:
     """Placements, token ids and access count per key, by keys or by a token sequence."""
     if body.keys:
         kids = [k.key_id() for k in body.keys]
@@ -177,21 +177,22 @@ async def lookup(body: LookupRequest, request: Request) -> dict[str, Any]:
     else:
         kids, chunks = _resolve(request, body)  # type: ignore[arg-type]
     rows = await coord(request).store.lookup(kids)
-    return {"chunks": chunks, "results": [
+    # plain JSON types already: JSONResponse skips FastAPI's walk over every token id
+    return JSONResponse({"chunks": chunks, "results": [
         {"key": key_from_id(kid), "placements": pl, "token_ids": tokens,
          "access_count": access}
-        for kid, (pl, tokens, access) in zip(kids, rows, strict=True)]}
+        for kid, (pl, tokens, access) in zip(kids, rows, strict=True)]})
 
 
 @directory.get("/directory/keys")
 async def list_keys(request: Request, tier: Tier = Tier.all, instance_id: str = "",
                     backend: str = "", offset: int = Query(default=0, ge=0),
-                    limit: int = Query(default=1000, ge=1, le=10000)) -> dict[str, Any]:
+                    limit: int = Query(default=1000, ge=1, le=10000)) -> Any:
     total, page = await coord(request).store.list_keys(tier.value, instance_id, backend,
                                                        offset, limit)
-    return {"total": total, "keys": [
+    return JSONResponse({"total": total, "keys": [
         {"key": key_from_id(kid), "placements": pl, "num_tokens": n, "access_count": a}
-        for kid, pl, n, a in page]}
+        for kid, pl, n, a in page]})
 
 
 @directory.get("/directory/stats")
