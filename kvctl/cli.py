@@ -224,7 +224,8 @@ def root(
     ] = None,
     instance_id: Annotated[str | None, typer.Option(
         "--instance-id", metavar="ID", show_default=False, rich_help_panel="Global options",
-        help=f"LMCache instance. \\[env KVCTL_INSTANCE_ID; default {DEFAULT_INSTANCE_ID}]")
+        help="LMCache instance. \\[env KVCTL_INSTANCE_ID; default: the only instance "
+             f"registered with the controller, else {DEFAULT_INSTANCE_ID}]")
     ] = None,
     coordinator: Annotated[str | None, typer.Option(
         "--coordinator", metavar="URL", show_default=False, rich_help_panel="Global options",
@@ -268,9 +269,9 @@ app.add_typer(config_cmd.app, name="config", rich_help_panel="Settings")
 
 
 @app.command("config-path", hidden=True)
-def config_path() -> None:
+def config_path(ctx: typer.Context) -> None:
     """Print the path of the settings file (the older spelling of `kvctl config path`)."""
-    config_cmd.path()
+    config_cmd.path(ctx)
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ WaitOpt = Annotated[bool, typer.Option(
 
 PromptArg = Annotated[str | None, typer.Argument(
     metavar="PROMPT", show_default=False,
-    help="Prompt text, tokenized locally; '-' reads it from stdin.")]
+    help="Prompt text, tokenized locally; '-' reads it from stdin exactly, a final newline "
+         "included (printf '%s' \"$P\" | ... for one without).")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", metavar="IDS", show_default=False,
     help="Token ids instead of a prompt: 1,2,3 (commas or spaces).")]

@@ -115,6 +115,47 @@ class ServerSettings(BaseModel):
     advertise_host: str | None = Field(None, description="host other processes reach this "
                                        "one at; default: host")
 
+    # LMCache 0.5.6 fleets: the controller sockets their LMCacheWorkers talk to
+    lmcache_monitor_ports: dict[str, int] | None = Field(
+        None, description="bind LMCache's controller sockets: {pull, reply, heartbeat} ports "
+                          "(pull 8300 / reply 8400 if left out, heartbeat OS-chosen)")
+    lmcache_monitor_host: str = Field("127.0.0.1", description="address the LMCache sockets "
+                                      "bind; they cannot authenticate")
+    lmcache_job_timeout_s: float = Field(600.0, gt=0, le=86_400, description="longest an "
+                                         "LMCache compress, decompress or move may run")
+    lmcache_max_workers: int = Field(4096, ge=1, description="LMCache workers registered at "
+                                     "most; registrations beyond are refused and counted")
+    lmcache_none_hash: int = Field(0, description="seed of LMCache's chunk-hash chain: 0 "
+                                   "without vLLM; with vLLM, the NONE_HASH LMCache logs")
+    lmcache_max_keys: int = Field(1_000_000, ge=1, description="chunk hashes kept per LMCache "
+                                  "worker and location; admits beyond are dropped and counted")
+
+    @field_validator("lmcache_monitor_ports", mode="before")
+    @classmethod
+    def _monitor_ports(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            import json
+
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError('expected JSON like {"pull": 8300, "reply": 8400, '
+                                 '"heartbeat": 8500}') from None
+        if not isinstance(v, dict):
+            raise ValueError('expected a mapping like {"pull": 8300, "reply": 8400}')
+        unknown = sorted(set(v) - {"pull", "reply", "heartbeat"})
+        if unknown:
+            raise ValueError(f"unknown socket(s) {', '.join(map(repr, unknown))}; the LMCache "
+                             "sockets are pull, reply and heartbeat")
+        out = {"pull": 8300, "reply": 8400}
+        for k, port in v.items():
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ValueError(f"{k}: a port is an integer in [0, 65535], got {port!r}")
+            out[k] = port
+        return out
+
     # LMCache MP coordinator (`lmcache server --coordinator-url http://HOST:PORT`)
     coordinator_port: int | None = Field(None, ge=0, le=65535, description="serve LMCache's "
                                          "MP coordinator API here (LMCache's default: 9300)")

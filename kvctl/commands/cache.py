@@ -42,7 +42,7 @@ def compress(
     """
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     run_operation(st, Operation("compress", location, wait=wait, show_warning=force,
                                 call=lambda c, t: c.compress(inst, method, location, t,
                                                              force=force)), ids)
@@ -63,7 +63,7 @@ def decompress(
     """
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     run_operation(st, Operation("decompress", location, wait=wait,
                                 call=lambda c, t: c.decompress(inst, method, location, t)), ids)
 
@@ -118,13 +118,14 @@ def clear(
     """Remove every chunk from a location (asks first unless --yes)."""
     st = state(ctx)
     s = st.settings
+    inst = st.instance_id()
     if not yes:
-        if not typer.confirm(f"Remove every chunk of {s.instance_id} in {location} at "
+        if not typer.confirm(f"Remove every chunk of {inst} in {location} at "
                              f"{s.controller}?", err=True, default=False):
             st.out.note("nothing removed")
             raise typer.Exit(EXIT_FAILURE)
     with st.client() as client:
-        reply = client.clear(s.instance_id, location)
+        reply = client.clear(inst, location)
         finish_op(st, client, reply, wait, f"clear of {location} scheduled")
 
 
@@ -147,7 +148,7 @@ def pin(
 
         fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=False)
         return
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     run_operation(st, Operation("pin", location, wait=wait,
                                 call=lambda c, t: c.pin(inst, location, t)), ids)
 
@@ -171,7 +172,7 @@ def unpin(
 
         fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=True)
         return
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     run_operation(st, Operation("unpin", location, wait=wait,
                                 call=lambda c, t: c.unpin(inst, location, t)), ids)
 
@@ -197,7 +198,7 @@ def move(
         raise UsageError("move needs a destination: --to LOCATION")
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     dest = to_instance or inst
     if (inst, source) == (dest, to):
         raise UsageError(f"source and destination are both {inst}/{to}")

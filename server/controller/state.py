@@ -46,8 +46,12 @@ class WorkerRecord:
     locations: list[dict[str, Any]] = field(default_factory=list)
     error_code: int = 0
     pid: int | None = None
+    # when the worker said it was stopping (a clean stop deregisters at once)
+    stopped_at: float | None = None
 
     def alive(self, dead_after_s: float, now: float | None = None) -> bool:
+        if self.stopped_at is not None:
+            return False
         return ((now or time.time()) - self.last_heartbeat) <= dead_after_s
 
     def to_dict(self) -> dict[str, Any]:
