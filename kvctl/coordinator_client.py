@@ -9,7 +9,6 @@ kvctl's has (ingest state) is asked of kvctl's alone.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +27,9 @@ class CoordinatorError(KvctlError):
     def __init__(self, status: int, path: str, detail: str) -> None:
         if status >= 500:
             msg = f"the coordinator failed on {path} (HTTP {status}): {detail}"
+        elif status == 401:
+            msg = (f"{detail} (HTTP 401 from {path}); kvctl sends the token in "
+                   "KVCTL_AUTH_TOKEN, or the settings file's auth_token (kvctl config path)")
         else:
             msg = f"{detail} (HTTP {status} from {path})"
         super().__init__(msg, EXIT_REJECTED if 400 <= status < 500 else EXIT_FAILURE)
@@ -48,10 +50,11 @@ def _error_detail(r: httpx.Response) -> str:
 class CoordinatorClient:
     """Synchronous client of one MP coordinator."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, auth_token: str | None = None
+                 ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        token = os.environ.get("KVCTL_AUTH_TOKEN")
+        token = auth_token  # the settings' (KVCTL_AUTH_TOKEN or the settings file); never shown
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._kind: str | None = None
@@ -100,15 +103,19 @@ class CoordinatorClient:
             elif title == UPSTREAM_TITLE:
                 self._kind = "lmcache"
             else:
-                what = f"a server titled {title!r}" if title else "not an MP coordinator"
-                raise KvctlError(f"{self.base_url} is {what}, not an LMCache MP coordinator; "
-                                 "point --coordinator (or KVCTL_COORDINATOR) at `kvctl serve "
-                                 "--coordinator-port`'s port or at `lmcache coordinator`")
+                what = f"a server titled {title!r}" if title else "a server"
+                raise KvctlError(f"{self.base_url} is {what} but not an LMCache MP "
+                                 "coordinator; point --coordinator (or KVCTL_COORDINATOR) at "
+                                 "`kvctl serve --coordinator-port`'s port or at `lmcache "
+                                 "coordinator`")
         return self._kind
 
     def _title(self) -> str:
         try:
             with self.http.stream("GET", PROBE_PATH, timeout=min(self.timeout, 5.0)) as r:
+                if r.status_code == 401:  # kvctl's, asking for the token
+                    r.read()
+                    raise CoordinatorError(401, PROBE_PATH, _error_detail(r))
                 if r.status_code != 200:
                     return ""
                 data = b""

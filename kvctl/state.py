@@ -72,7 +72,7 @@ class State:
             raise UsageError(f"{what} talks to an LMCache MP coordinator: pass --coordinator "
                              "URL (kvctl serve --coordinator-port, or `lmcache coordinator`) "
                              "or set KVCTL_COORDINATOR")
-        return CoordinatorClient(url, self.settings.timeout)
+        return CoordinatorClient(url, self.settings.timeout, self.settings.auth_token)
 
 
 def state(ctx: typer.Context) -> State:
