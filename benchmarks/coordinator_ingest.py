@@ -221,6 +221,8 @@ def rss_bytes() -> int:
 
 
 async def populate(store: Any, n: int, tokens: bool, per: int = 512) -> None:
+    import msgspec
+
     from kvctl.server.coordinator.models import EventBatch
     from kvctl.server.coordinator.store import Instance
 
@@ -228,8 +230,8 @@ async def populate(store: Any, n: int, tokens: bool, per: int = 512) -> None:
     seq = 0
     for first in range(0, n, per):
         seq += 1
-        b = EventBatch.model_validate(store_batch("pop", 1, seq, first,
-                                                  min(per, n - first), tokens))
+        b = msgspec.convert(store_batch("pop", 1, seq, first, min(per, n - first), tokens),
+                            EventBatch)
         await store.ingest([b])
 
 
@@ -242,10 +244,12 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 async def lookup_latency(store: Any, n: int, rounds: int) -> dict[str, float]:
     import random
 
+    import msgspec
+
     from kvctl.server.coordinator.models import EncodedKey
 
     rng = random.Random(1)
-    ids = [[EncodedKey(**key(rng.randrange(n))).key_id() for _ in range(4)]
+    ids = [[msgspec.convert(key(rng.randrange(n)), EncodedKey).key_id() for _ in range(4)]
            for _ in range(rounds)]
 
     out = []
