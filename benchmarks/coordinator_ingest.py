@@ -442,6 +442,9 @@ def markdown(res: dict[str, Any]) -> str:
                       f"lacks {g['batches_lost']} of them and flags {g['gaps']} seq gaps, "
                       f"so `kvctl instances` shows which servers' directory slices are "
                       f"incomplete. Nothing already applied was lost."]
+    if res.get("merged"):
+        lines += ["", f"Sections {', '.join(res['merged'])} are from an earlier run on the same "
+                      "machine (this one ran with `--merge`, keeping them)."]
     return "\n".join(lines) + "\n"
 
 
@@ -498,9 +501,11 @@ def main() -> None:
     res["load"] = [load0, os.getloadavg()[0]]
     if args.merge and args.json and args.json.exists():
         old = json.loads(args.json.read_text())
+        res["merged"] = []
         for k in ("ingest", "lookup", "http_lookup", "failover", "failover_no_retry"):
             if k not in res and k in old:
                 res[k] = old[k]
+                res["merged"].append(k)
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
