@@ -221,6 +221,8 @@ def rss_bytes() -> int:
 
 
 async def populate(store: Any, n: int, tokens: bool, per: int = 512) -> None:
+    import msgspec
+
     from kvctl.server.coordinator.models import EventBatch
     from kvctl.server.coordinator.store import Instance
 
@@ -228,8 +230,8 @@ async def populate(store: Any, n: int, tokens: bool, per: int = 512) -> None:
     seq = 0
     for first in range(0, n, per):
         seq += 1
-        b = EventBatch.model_validate(store_batch("pop", 1, seq, first,
-                                                  min(per, n - first), tokens))
+        b = msgspec.convert(store_batch("pop", 1, seq, first, min(per, n - first), tokens),
+                            EventBatch)
         await store.ingest([b])
 
 
@@ -242,10 +244,12 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 async def lookup_latency(store: Any, n: int, rounds: int) -> dict[str, float]:
     import random
 
+    import msgspec
+
     from kvctl.server.coordinator.models import EncodedKey
 
     rng = random.Random(1)
-    ids = [[EncodedKey(**key(rng.randrange(n))).key_id() for _ in range(4)]
+    ids = [[msgspec.convert(key(rng.randrange(n)), EncodedKey).key_id() for _ in range(4)]
            for _ in range(rounds)]
 
     out = []
@@ -438,6 +442,9 @@ def markdown(res: dict[str, Any]) -> str:
                       f"lacks {g['batches_lost']} of them and flags {g['gaps']} seq gaps, "
                       f"so `kvctl instances` shows which servers' directory slices are "
                       f"incomplete. Nothing already applied was lost."]
+    if res.get("merged"):
+        lines += ["", f"Sections {', '.join(res['merged'])} are from an earlier run on the same "
+                      "machine (this one ran with `--merge`, keeping them)."]
     return "\n".join(lines) + "\n"
 
 
@@ -494,9 +501,11 @@ def main() -> None:
     res["load"] = [load0, os.getloadavg()[0]]
     if args.merge and args.json and args.json.exists():
         old = json.loads(args.json.read_text())
+        res["merged"] = []
         for k in ("ingest", "lookup", "http_lookup", "failover", "failover_no_retry"):
             if k not in res and k in old:
                 res[k] = old[k]
+                res["merged"].append(k)
     res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

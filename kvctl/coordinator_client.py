@@ -28,6 +28,9 @@ class CoordinatorError(KvctlError):
     def __init__(self, status: int, path: str, detail: str) -> None:
         if status >= 500:
             msg = f"the coordinator failed on {path} (HTTP {status}): {detail}"
+        elif status == 401:
+            msg = (f"{detail} (HTTP 401 from {path}); kvctl sends the token in "
+                   "KVCTL_AUTH_TOKEN, or the settings file's auth_token (kvctl config path)")
         else:
             msg = f"{detail} (HTTP {status} from {path})"
         super().__init__(msg, EXIT_REJECTED if 400 <= status < 500 else EXIT_FAILURE)
@@ -101,15 +104,19 @@ class CoordinatorClient:
             elif title == UPSTREAM_TITLE:
                 self._kind = "lmcache"
             else:
-                what = f"a server titled {title!r}" if title else "not an MP coordinator"
-                raise KvctlError(f"{self.base_url} is {what}, not an LMCache MP coordinator; "
-                                 "point --coordinator (or KVCTL_COORDINATOR) at `kvctl serve "
-                                 "--coordinator-port`'s port or at `lmcache coordinator`")
+                what = f"a server titled {title!r}" if title else "a server"
+                raise KvctlError(f"{self.base_url} is {what} but not an LMCache MP "
+                                 "coordinator; point --coordinator (or KVCTL_COORDINATOR) at "
+                                 "`kvctl serve --coordinator-port`'s port or at `lmcache "
+                                 "coordinator`")
         return self._kind
 
     def _title(self) -> str:
         try:
             with self.http.stream("GET", PROBE_PATH, timeout=min(self.timeout, 5.0)) as r:
+                if r.status_code == 401:  # kvctl's, asking for the token
+                    r.read()
+                    raise CoordinatorError(401, PROBE_PATH, _error_detail(r))
                 if r.status_code != 200:
                     return ""
                 data = b""

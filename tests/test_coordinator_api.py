@@ -292,7 +292,10 @@ async def test_bad_batches_are_4xx_with_detail_and_disturb_nothing(settings):
             assert r.status_code == 422, r.text
             details.append(r.json()["detail"])
             assert isinstance(details[-1], str) and details[-1]
-        assert "batches.0.entries: List should have at most 8192 items" in details[7]
+        assert "length <= 8192 - at `$.batches[0].entries`" in details[7]
+        assert "concrete tier" in details[2] and "carry no entries" in details[3]
+        assert "`$.batches[0].seq`" in details[4]
+        assert "`$.batches[0].entries[0].key.model_name`" in details[8]
         assert (await c.get("/directory/stats")).json() == before
         # the stream goes on at seq 2: nothing of the refused requests was counted
         out = await events(c, batch(2, entries=[entry("bb")]))

@@ -9,13 +9,11 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from kvctl.common.mpkeys import resolve_keys
 from kvctl.server.coordinator.models import (
     DeleteRequest,
     EncodedKey,
-    EventsRequest,
     EventsResponse,
     HeartbeatResponse,
     LookupRequest,
@@ -25,6 +23,8 @@ from kvctl.server.coordinator.models import (
     RegisterResponse,
     Tier,
     TokensQuery,
+    convert_keys,
+    decode_events,
     key_from_id,
 )
 from kvctl.server.coordinator.store import SHARED_OWNER, Instance
@@ -47,7 +47,8 @@ def _resolve(request: Request, q: TokensQuery) -> tuple[list[str], int]:
                                     request.app.state.settings.coordinator_chunk_size)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    return [EncodedKey(**k.to_wire()).key_id() for k in keys], chunks
+    return [EncodedKey(k.chunk_hash_hex, k.model_name, k.kv_rank, k.object_group_id,
+                       k.cache_salt).key_id() for k in keys], chunks
 
 
 async def _target(request: Request, instance_id: str) -> Instance:
@@ -156,42 +157,44 @@ async def ingest_state(request: Request) -> dict[str, Any]:
 async def post_events(request: Request) -> Any:
     """Apply batches in order; duplicates, stale, unregistered and refused entries are
     counted, never errors. A malformed body is 422 and changes nothing."""
-    from kvctl.server.http.app import describe_validation
-
     raw = await request.body()
     try:
-        body = EventsRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        return JSONResponse({"detail": describe_validation(exc)}, status_code=422)
+        body = decode_events(raw)
+    except ValueError as exc:
+        return JSONResponse({"detail": f"invalid request: {exc}"}, status_code=422)
     out = await coord(request).store.ingest(body.batches)
     return out.model_dump()
 
 
 # ---------------------------------------------------------------------- directory ----
 @directory.post("/directory/lookup")
-async def lookup(body: LookupRequest, request: Request) -> dict[str, Any]:
+async def lookup(body: LookupRequest, request: Request) -> Any:
     """Placements, token ids and access count per key, by keys or by a token sequence."""
     if body.keys:
-        kids = [k.key_id() for k in body.keys]
+        try:
+            kids = [k.key_id() for k in convert_keys(body.keys)]
+        except ValueError as exc:
+            return JSONResponse({"detail": f"invalid request: {exc}"}, status_code=422)
         chunks = len(kids)
     else:
         kids, chunks = _resolve(request, body)  # type: ignore[arg-type]
     rows = await coord(request).store.lookup(kids)
-    return {"chunks": chunks, "results": [
+    # plain JSON types already: JSONResponse skips FastAPI's walk over every token id
+    return JSONResponse({"chunks": chunks, "results": [
         {"key": key_from_id(kid), "placements": pl, "token_ids": tokens,
          "access_count": access}
-        for kid, (pl, tokens, access) in zip(kids, rows, strict=True)]}
+        for kid, (pl, tokens, access) in zip(kids, rows, strict=True)]})
 
 
 @directory.get("/directory/keys")
 async def list_keys(request: Request, tier: Tier = Tier.all, instance_id: str = "",
                     backend: str = "", offset: int = Query(default=0, ge=0),
-                    limit: int = Query(default=1000, ge=1, le=10000)) -> dict[str, Any]:
+                    limit: int = Query(default=1000, ge=1, le=10000)) -> Any:
     total, page = await coord(request).store.list_keys(tier.value, instance_id, backend,
                                                        offset, limit)
-    return {"total": total, "keys": [
+    return JSONResponse({"total": total, "keys": [
         {"key": key_from_id(kid), "placements": pl, "num_tokens": n, "access_count": a}
-        for kid, pl, n, a in page]}
+        for kid, pl, n, a in page]})
 
 
 @directory.get("/directory/stats")
