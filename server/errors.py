@@ -75,6 +75,12 @@ class Busy(DomainError):
     retry_after_s = 1
 
 
+class UnknownChunk(DomainError):
+    """A chunk that is not (or no longer) in a location."""
+
+    kind = "unknown_chunk"
+
+
 class ChecksumMismatch(DomainError):
     """Bytes that arrived differ from the bytes that were sent."""
 
@@ -84,7 +90,7 @@ class ChecksumMismatch(DomainError):
 ERRORS_BY_KIND: dict[str, type[DomainError]] = {
     cls.kind: cls for cls in (BadRequest, UnknownInstance, UnknownLocation, UnknownMethod,
                               UnknownEvent, TooLarge, WorkerUnavailable, StateUnavailable,
-                              StoreUnavailable, ChecksumMismatch, Conflict, Busy)
+                              StoreUnavailable, ChecksumMismatch, Conflict, Busy, UnknownChunk)
 }
 
 

@@ -58,11 +58,15 @@ def _spawn(name: str, args: list[str], tmp: Path) -> Proc:
 
 
 def start_controller(tmp: Path, name: str = "controller", state: str | None = None,
-                     ports: tuple[int, int] | None = None) -> Proc:
+                     ports: tuple[int, int] | None = None, extra: dict[str, Any] | None = None,
+                     embedded_worker: bool = False) -> Proc:
+    """``extra``: more config keys; ``embedded_worker``: run `kvctl serve`'s own worker."""
     port, monitor = ports or (free_port(), free_port())
     cfg = tmp / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump({**FAST, **({"state": state} if state else {})}))
-    p = _spawn(name, ["serve", "--config", str(cfg), "--model", "none", "--no-worker",
+    cfg.write_text(yaml.safe_dump({**FAST, **({"state": state} if state else {}),
+                                   **(extra or {})}))
+    p = _spawn(name, ["serve", "--config", str(cfg), "--model", "none",
+                      *([] if embedded_worker else ["--no-worker"]),
                       "--port", str(port), "--monitor-port", str(monitor)], tmp)
     p.urls = {"api": f"http://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}"}
     wait_for(lambda: _ok(p.urls["api"] + "/workers"), 60, f"{name} did not start", p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,7 @@ ERROR_STATUS: dict[type[errors.DomainError], int] = {
     errors.UnknownInstance: 404,
     errors.UnknownLocation: 404,
     errors.UnknownEvent: 404,
+    errors.UnknownChunk: 404,
     errors.ChecksumMismatch: 409,
     errors.Conflict: 409,
     errors.TooLarge: 413,
@@ -61,8 +63,13 @@ def error_response(exc: errors.DomainError | StorageError) -> JSONResponse:
 
 
 def describe_validation(exc: RequestValidationError) -> str:
+    return describe_errors(exc.errors())
+
+
+def describe_errors(errs: Any) -> str:
+    """Pydantic's errors as one sentence (``where: what; ...``), the first few only."""
     parts = []
-    for err in exc.errors():
+    for err in list(errs)[:10]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {err.get('msg')}")

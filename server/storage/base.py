@@ -154,6 +154,11 @@ class StorageBackend(ABC):
         it."""
         self.put(key, blob, num_tokens)
 
+    def pin_refusal(self) -> str | None:
+        """Why this location cannot honour a pin (None: it can). A pin it accepted holds:
+        no eviction of this tier's own or the server's removes a pinned chunk."""
+        return None
+
     def clear(self) -> int:
         """Remove every chunk; returns the tokens they covered."""
         return sum(self.delete(k) for k in self.keys())

@@ -16,8 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvctl.codecs import CodecError, decode_blob
-from kvctl.server.chunks import ChunkRef
+from kvctl.codecs import CodecError, decode_blob, peek_blob
+from kvctl.server.chunks import (
+    DEFAULT_MAX_CHUNK_ELEMENTS,
+    ChunkRef,
+    ChunkShapeError,
+    check_chunk_shape,
+)
 from kvctl.server.storage.base import StorageBackend, StorageError, StorageFullError
 
 if TYPE_CHECKING:
@@ -66,7 +71,8 @@ class TieredStore:
     """The configured tiers, fastest first, as the engine sees them."""
 
     def __init__(self, backends: dict[str, StorageBackend], raw_codec: Any, remote_codec: Any,
-                 save_unfull_chunk: bool, chunk_size: int, device: str = "cpu") -> None:
+                 save_unfull_chunk: bool, chunk_size: int, device: str = "cpu",
+                 max_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
         self.tiers = [(n, backends[n]) for n in TIER_ORDER if n in backends]
         self.tiers += [(n, b) for n, b in backends.items() if n not in TIER_ORDER]
         self.raw = raw_codec
@@ -74,6 +80,7 @@ class TieredStore:
         self.save_unfull_chunk = save_unfull_chunk
         self.chunk_size = chunk_size
         self.device = device
+        self.max_elements = max_elements
         self.counters = TierCounters()
         self._down_until: dict[str, float] = {}
 
@@ -191,8 +198,11 @@ class TieredStore:
             if blob is None:
                 break  # left its tier between the check and the read
             try:
+                # a stored blob is input too (a file, Redis): its shape must fit first
+                check_chunk_shape(peek_blob(blob), self.chunk_size, self.max_elements,
+                                  refs[i].num_tokens)
                 parts.append(decode_blob(blob, device=self.device))
-            except CodecError as exc:
+            except (CodecError, ChunkShapeError) as exc:
                 log.warning("stored chunk %s in %s is unreadable (%s); recomputing it",
                             refs[i].key, holder[i], exc)
                 break

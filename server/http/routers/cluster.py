@@ -12,6 +12,7 @@ from kvctl.codecs import available_methods
 from kvctl.server.http.routers.cache import controller
 from kvctl.server.http.schemas import (
     CodecList,
+    DeregisterRequest,
     HealthRequest,
     HealthResponse,
     HeartbeatRequest,
@@ -59,6 +60,13 @@ async def register(body: HeartbeatRequest, request: Request) -> HeartbeatRespons
 async def heartbeat(body: HeartbeatRequest, request: Request) -> HeartbeatResponse:
     """A worker is alive; its storage numbers ride along. Unknown workers are registered."""
     return HeartbeatResponse(**await controller(request).heartbeat(body.model_dump(), False))
+
+
+@router.post("/workers/deregister", status_code=204)
+async def deregister(body: DeregisterRequest, request: Request) -> Response:
+    """A worker leaves (its lease proves it is the holder); its instance id is free again."""
+    await controller(request).deregister(body.instance_id, body.lease)
+    return Response(status_code=204)
 
 
 @router.get("/codecs", response_model=CodecList)
