@@ -169,6 +169,41 @@ def test_a_live_instance_belongs_to_its_first_worker(tmp_path: Path):
         stop_all(ctl, w)
 
 
+def test_only_the_lease_holder_renews_or_deregisters_and_a_gone_holder_is_replaced(
+        tmp_path: Path):
+    ctl = start_controller(tmp_path, "ctl")
+    mon = ctl.urls["monitor"]
+    try:
+        with fake_worker() as first, fake_worker() as second:
+            r = first.register(mon, "x")
+            assert r.status_code == 200
+            lease = r.json()["lease"]
+            assert len(lease) >= 40
+            # its lease renews it, keeping its registration time
+            again = first.register(mon, "x", path="/workers/heartbeat", lease=lease)
+            assert again.status_code == 200
+            assert again.json()["registered_at"] == r.json()["registered_at"]
+            assert second.register(mon, "x").status_code == 409
+            bye = httpx.post(mon + "/workers/deregister", timeout=10,
+                             json={"instance_id": "x", "lease": "not-the-lease"})
+            assert bye.status_code == 409 and first.url in bye.json()["detail"]
+            bye = httpx.post(mon + "/workers/deregister", timeout=10,
+                             json={"instance_id": "x", "lease": lease})
+            assert bye.status_code == 204
+            assert "x" not in workers(ctl.urls["api"])
+            assert second.register(mon, "x").status_code == 200
+            assert workers(ctl.urls["api"])["x"]["url"] == second.url
+            gone_url = second.url
+        # both fake workers are gone now: their ports refuse, so a successor need not wait
+        # for dead_after_s
+        with fake_worker() as third:
+            r = third.register(mon, "x")
+            assert r.status_code == 200, r.text
+            assert workers(ctl.urls["api"])["x"]["url"] == third.url != gone_url
+    finally:
+        ctl.stop()
+
+
 # 4 ------------------------------------------------------- one bad registration -------
 def test_bad_registration_is_refused_and_cannot_break_shared_endpoints(tmp_path: Path,
                                                                        redis_url: str):

@@ -235,6 +235,9 @@ class Controller:
             old = self._http.pop(rec.url, None)
             if old is not None:
                 self._spawn(old.close())
+            # bounded like the registry: addresses of workers long gone do not pile up
+            while len(self._http) >= 2 * self.settings.max_workers:
+                self._spawn(self._http.pop(next(iter(self._http))).close())
             self._http[rec.url] = t
         return t
 
