@@ -204,6 +204,29 @@ def test_only_the_lease_holder_renews_or_deregisters_and_a_gone_holder_is_replac
         ctl.stop()
 
 
+def test_a_worker_restarted_on_its_own_port_takes_its_instance_back_at_once(tmp_path: Path):
+    from tests.cluster_procs import _spawn
+
+    # dead_after_s far beyond the test's patience: the successor must not wait for it
+    ctl = start_controller(tmp_path, "ctl", extra={"dead_after_s": 600.0})
+    w = start_worker(tmp_path, "rs", [ctl.urls["monitor"]], model="none")
+    again = None
+    try:
+        first = alive(ctl, "rs", w)
+        w.kill9()
+        again = _spawn("rs-again", list(w.proc.args[3:]), tmp_path)
+        again.urls = w.urls
+        back = wait_for(lambda: (v := workers(ctl.urls["api"])["rs"])["registration_time"]
+                        != first["registration_time"] and v, 60,
+                        "the restarted worker did not get its instance back", ctl, again)
+        assert back["url"] == first["url"] and back["state"] == "alive"
+        r = httpx.post(ctl.urls["api"] + "/compress", timeout=10, json={
+            "instance_id": "rs", "method": "cachegen", "location": CPU, "tokens": [1, 2]})
+        assert r.status_code == 200, r.text
+    finally:
+        stop_all(ctl, *([again] if again else []))
+
+
 # 4 ------------------------------------------------------- one bad registration -------
 def test_bad_registration_is_refused_and_cannot_break_shared_endpoints(tmp_path: Path,
                                                                        redis_url: str):

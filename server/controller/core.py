@@ -135,8 +135,10 @@ class Controller:
         lease = body.get("lease")
         holds = bool(old is not None and old.lease_hash and isinstance(lease, str)
                      and hmac.compare_digest(old.lease_hash, lease_hash(lease)))
+        if old is not None and old.lease_hash is None and old.url == body["url"]:
+            holds = True  # a record from before leases (an upgrade): its worker gets one now
         if old is not None and not holds:
-            if self._is_alive(old, now) and not await self._holder_gone(old):
+            if self._is_alive(old, now) and not await self._holder_gone(old, body):
                 raise Conflict(
                     f"instance {iid!r} is held by the worker at {old.url} (pid {old.pid}, "
                     f"registered {_clock(old.registered_at)}, last heartbeat "
@@ -203,10 +205,22 @@ class Controller:
         outage = self.state.outage
         return bool(outage and rec.last_heartbeat >= outage[0] - d and now - outage[1] <= d)
 
-    async def _holder_gone(self, rec: WorkerRecord) -> bool:
-        """Whether the port of the worker holding an instance refuses connections: the
-        process is gone (a crash, a restart on another port), so waiting for its lease to
-        lapse would only delay its successor. A hung worker still accepts: not gone."""
+    async def _holder_gone(self, rec: WorkerRecord, claim: dict[str, Any] | None = None
+                           ) -> bool:
+        """Whether the worker holding an instance is gone, so that waiting for its
+        registration to lapse would only delay its successor: its port refuses connections
+        (a crash, a restart on another port), or the process now answering at its address
+        is the claimant (a restart on the same port: the worker there reports the
+        claimant's pid, not the holder's; an impostor cannot make the real worker say
+        that). A hung worker still accepts, and answers nothing: not gone."""
+        if claim is not None and claim.get("url") == rec.url and claim.get("pid") not in (
+                None, rec.pid):
+            try:
+                info = await self._ask(rec, "info", {})
+            except (WorkerUnavailable, TimeoutError):
+                info = None
+            if isinstance(info, dict) and info.get("pid") == claim["pid"]:
+                return True
         try:
             u = urlsplit(rec.url)
             host, port = u.hostname, u.port

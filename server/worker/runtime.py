@@ -485,6 +485,7 @@ class WorkerRuntime:
         locs, code = self.locations()
         return {"instance_id": self.instance_id, "worker_id": self.worker_id,
                 "chunk_size": self.settings.chunk_size, "started_at": self.started_at,
+                "pid": os.getpid(),
                 "error_code": code, "locations": locs, "queue_depth": self.queue_depth()}
 
     # ---- the engine's side ----------------------------------------------------------
