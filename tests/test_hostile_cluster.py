@@ -227,6 +227,25 @@ def test_a_worker_restarted_on_its_own_port_takes_its_instance_back_at_once(tmp_
         stop_all(ctl, *([again] if again else []))
 
 
+def test_a_worker_cannot_answer_a_command_with_another_event(tmp_path: Path):
+    ctl = start_controller(tmp_path, "ctl")
+    try:
+        with fake_worker() as fake:
+            fake.ops["compress"] = lambda b: {
+                "event_id": "compress-victim", "op": "compress", "instance_id": "other",
+                "method": "cachegen", "location": CPU, "num_tokens": 0, "chunks_total": 0,
+                "status": "finished", "created_at": 0.0}
+            assert fake.register(ctl.urls["monitor"], "liar").status_code == 200
+            r = httpx.post(ctl.urls["api"] + "/compress", timeout=10, json={
+                "instance_id": "liar", "method": "cachegen", "location": CPU,
+                "tokens": [1, 2]})
+            assert r.status_code == 503 and "compress-victim" in r.json()["detail"]
+            assert httpx.get(ctl.urls["api"] + "/events/compress-victim",
+                             timeout=10).status_code == 404
+    finally:
+        ctl.stop()
+
+
 # 4 ------------------------------------------------------- one bad registration -------
 def test_bad_registration_is_refused_and_cannot_break_shared_endpoints(tmp_path: Path,
                                                                        redis_url: str):

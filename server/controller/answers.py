@@ -123,3 +123,19 @@ def events(rec: WorkerRecord, reply: Any, asked: dict[str, Event]) -> dict[str, 
             raise _bad(rec, "events", f"event {event_id!r} as another event")
         out[event_id] = new
     return out
+
+
+def submitted(rec: WorkerRecord, reply: Any, event_id: str, instance_id: str) -> Event:
+    """The event a worker says it scheduled: the one the controller created (same id, same
+    instance), so that no reply can overwrite another event."""
+    if not isinstance(reply, dict):
+        raise _bad(rec, "a command", f"{type(reply).__name__}, not an event")
+    try:
+        ev = _EVENT.validate_python(reply)
+    except ValidationError as exc:
+        raise _bad(rec, "a command", f"an invalid event ({exc.error_count()} errors)"
+                   ) from None
+    if (ev.event_id, ev.instance_id) != (event_id, instance_id):
+        raise _bad(rec, "a command", f"event {ev.event_id!r} of instance {ev.instance_id!r}"
+                                     f" for {event_id!r}")
+    return ev

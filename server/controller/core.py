@@ -296,13 +296,14 @@ class Controller:
         """Route a command to the instance's worker; the event is recorded before it runs."""
         if "tokens" in body:
             self.check_tokens(body["tokens"])
-        _, transport = await self.route(instance_id)
+        rec, transport = await self.route(instance_id)
         event_id = new_event_id(op)
         # Recorded first, so a state store that is gone refuses before any work starts.
         await self.state.put_event(EventRow(Event(event_id, op, instance_id, body.get("method"),
                                                   body.get("location"), 0, 0)))
         try:
-            reply = await transport.call(worker_op or op, {**body, "event_id": event_id})
+            reply = answers.submitted(rec, await transport.call(
+                worker_op or op, {**body, "event_id": event_id}), event_id, instance_id)
         except WorkerUnavailable as exc:
             # The worker may or may not have taken the job; the event says we do not know.
             with contextlib.suppress(StateUnavailable):
@@ -316,9 +317,8 @@ class Controller:
             with contextlib.suppress(StateUnavailable):
                 await self.state.delete_event(event_id)
             raise
-        ev = Event.from_dict(reply)
-        await self.state.put_event(EventRow(ev))
-        return ev
+        await self.state.put_event(EventRow(reply))
+        return reply
 
     async def move(self, old: tuple[str, str], new: tuple[str, str], tokens: Sequence[int],
                    should_copy: bool) -> Event:

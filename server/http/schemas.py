@@ -140,11 +140,11 @@ class WorkerInfoRequest(_Body):
 
 
 class LocationInfo(BaseModel):
-    location: str
-    chunks: int
-    bytes: int
-    capacity_bytes: int | None
-    pinned_chunks: int
+    location: str = Field(max_length=MAX_NAME_CHARS)
+    chunks: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    capacity_bytes: int | None = Field(ge=0)
+    pinned_chunks: int = Field(ge=0)
 
 
 class WorkerInfo(BaseModel):
