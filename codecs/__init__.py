@@ -9,11 +9,14 @@
     peek_blob(blob)                               # BlobInfo without decoding
 
 Codecs: ``cachegen`` (levels ``default``, ``compact``), ``raw`` (lossless), ``int8``,
-``fp8``, ``kivi`` (2/4-bit). Method strings for the controller: ``available_methods()``.
+``fp8``, ``kivi`` (2/4-bit), ``kvtc`` (transform coding with a per-model basis,
+levels ``default``, ``compact``, ``max``). Method strings for the controller:
+``available_methods()``.
 """
 
 from kvctl.codecs import baselines as _baselines  # noqa: F401  (registers the codecs)
 from kvctl.codecs import cachegen as _cachegen  # noqa: F401
+from kvctl.codecs import kvtc as _kvtc  # noqa: F401
 from kvctl.codecs.base import (
     BaseCodec,
     Codec,
@@ -32,6 +35,7 @@ from kvctl.codecs.errors import (
     ForeignBlobError,
     InvalidInputError,
     InvalidParamsError,
+    MissingBasisError,
     NonFiniteInputError,
     TruncatedBlobError,
     UnknownCodecError,
@@ -51,6 +55,7 @@ __all__ = [
     "ForeignBlobError",
     "InvalidInputError",
     "InvalidParamsError",
+    "MissingBasisError",
     "NonFiniteInputError",
     "TruncatedBlobError",
     "UnknownCodecError",

@@ -52,3 +52,14 @@ class CorruptBlobError(BlobError):
 
 class WrongCodecError(BlobError):
     """``codec.decode`` was given a blob written by a different codec."""
+
+
+class MissingBasisError(BlobError):
+    """A transform-coded blob names a basis this process cannot find.
+
+    ``basis`` is the content hash the blob names; decoding never guesses another basis.
+    """
+
+    def __init__(self, message: str, basis: str = "") -> None:
+        super().__init__(message)
+        self.basis = basis

@@ -38,6 +38,11 @@ class Proc:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
+    def interrupt_group(self) -> None:
+        """Ctrl-C as a terminal sends it: SIGINT to every process of the process's group
+        (its codec pool too); the process must have been started with own_group=True."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -48,33 +53,34 @@ class Proc:
                 self.proc.wait(10)
 
 
-def _spawn(name: str, args: list[str], tmp: Path) -> Proc:
+def _spawn(name: str, args: list[str], tmp: Path, own_group: bool = False) -> Proc:
     log = tmp / f"{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", KVCTL_DEVICE="cpu")
     with log.open("w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "kvctl", *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=own_group)
     return Proc(name, proc, log)
 
 
 def start_controller(tmp: Path, name: str = "controller", state: str | None = None,
-                     ports: tuple[int, int] | None = None, extra: dict[str, Any] | None = None,
-                     embedded_worker: bool = False) -> Proc:
-    """``extra``: more config keys; ``embedded_worker``: run `kvctl serve`'s own worker."""
+                     ports: tuple[int, int] | None = None,
+                     extra: dict[str, Any] | None = None, worker: bool = False,
+                     own_group: bool = False) -> Proc:
+    """``extra``: more config keys; ``worker``: run `kvctl serve`'s own worker."""
     port, monitor = ports or (free_port(), free_port())
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({**FAST, **({"state": state} if state else {}),
                                    **(extra or {})}))
     p = _spawn(name, ["serve", "--config", str(cfg), "--model", "none",
-                      *([] if embedded_worker else ["--no-worker"]),
-                      "--port", str(port), "--monitor-port", str(monitor)], tmp)
+                      "--worker" if worker else "--no-worker",
+                      "--port", str(port), "--monitor-port", str(monitor)], tmp, own_group)
     p.urls = {"api": f"http://127.0.0.1:{port}", "monitor": f"http://127.0.0.1:{monitor}"}
     wait_for(lambda: _ok(p.urls["api"] + "/workers"), 60, f"{name} did not start", p)
     return p
 
 
 def start_worker(tmp: Path, instance_id: str, controllers: list[str], model: str = "smollm2",
-                 extra: dict[str, Any] | None = None) -> Proc:
+                 extra: dict[str, Any] | None = None, own_group: bool = False) -> Proc:
     wport, eport = free_port(), free_port()
     cfg = tmp / f"{instance_id}.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -83,7 +89,7 @@ def start_worker(tmp: Path, instance_id: str, controllers: list[str], model: str
         "controller_url": ",".join(u.removeprefix("http://") for u in controllers),
         "lmcache_worker_port": wport, "torch_threads": 1, **(extra or {})}))
     p = _spawn(instance_id, ["worker", "--config", str(cfg), "--engine-port", str(eport),
-                             "--model", model], tmp)
+                             "--model", model], tmp, own_group)
     p.urls = {"worker": f"http://127.0.0.1:{wport}", "engine": f"http://127.0.0.1:{eport}"}
     return p
 

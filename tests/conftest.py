@@ -129,7 +129,7 @@ def cli_env(tmp_path, monkeypatch) -> Path:
     """No user settings leak in: empty env, a config file path under tmp_path, and an
     80-column terminal for everything Rich renders."""
     for var in ("KVCTL_CONTROLLER", "KVCTL_TIMEOUT", "KVCTL_TOKENIZER", "KVCTL_INSTANCE_ID",
-                "KVCTL_DEBUG"):
+                "KVCTL_DEBUG", "KVCTL_AUTH_TOKEN", "KVCTL_COORDINATOR", "KVCTL_MODEL_NAME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("COLUMNS", "80")
     cfg = tmp_path / "kvctl-config.yaml"

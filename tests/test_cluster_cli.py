@@ -48,3 +48,33 @@ def test_watch_all_follows_events_created_after_it_starts(cli_server, monkeypatc
         gate.set()
     watched = {ev["event_id"]: ev["status"] for ev in json.loads(r.stdout)}
     assert created and watched == {e1: "finished", created[0]: "finished"}
+
+
+def test_without_instance_id_the_only_registered_instance_is_used(cli_env, monkeypatch):
+    """`health` and `compress` without --instance-id: one instance registered is the one;
+    with several the CLI names them and does nothing."""
+    from kvctl.server.config import ServerSettings
+    from kvctl.server.http.app import create_app
+    from tests.cliutil import serve_app
+
+    app = create_app(ServerSettings(model="none", lmcache_instance_id="node-a"))
+    with serve_app(app) as url:
+        monkeypatch.setenv("KVCTL_CONTROLLER", url)
+        ids = list(range(7000, 7100))
+        store(app, ids)
+        r = run_cli("health", "--json")
+        assert json.loads(r.stdout)["error_codes"] == {"0": 0}
+        ev = json.loads(run_cli("compress", "--tokens", ids_arg(ids), "--wait", "--json"
+                                ).stdout)
+        assert ev["status"] == "finished" and ev["instance_id"] == "node-a"
+
+        # a second instance registers (its worker is not running: it only has to be listed)
+        r = httpx.post(url + "/workers/register", json={
+            "instance_id": "node-b", "url": "http://127.0.0.1:9", "chunk_size": 256})
+        assert r.status_code == 200, r.text
+        for args in (("health",), ("compress", "--tokens", ids_arg(ids))):
+            r = run_cli(*args, expected_exit_code=2)
+            assert r.stderr.startswith("error: 2 instances are registered with ")
+            assert "(node-a, node-b); name one with --instance-id" in r.stderr
+        r = run_cli("health", "--instance-id", "node-a", "--json")
+        assert json.loads(r.stdout)["error_codes"] == {"0": 0}

@@ -182,3 +182,33 @@ def test_weak_token_is_refused_without_echoing_it(monkeypatch):
     assert build_settings(None, {}).auth_token == TOKEN
     assert build_settings(None, {"auth_token": TOKEN + "-flag"}).auth_token == TOKEN + "-flag"
     assert TOKEN not in repr(build_settings(None, {}))
+
+
+def test_401_reads_whole_and_the_cli_takes_the_token_from_its_settings_file(cli_env):
+    """The 401 detail survives the masking every response goes through, and the CLI sends
+    the settings file's auth_token (which `config show` never prints)."""
+    import json
+
+    from kvctl.server.http.app import create_app
+    from tests.cliutil import run_cli, serve_app
+
+    app = create_app(ServerSettings(model="none", auth_token=TOKEN))
+    with serve_app(app) as url:
+        for headers, why in (({}, "has no Authorization header"),
+                             (bearer("kvctl-test-token-wrong-guess"), "does not carry")):
+            detail = httpx.get(url + "/events", headers=headers).json()["detail"]
+            assert "***" not in detail, detail
+            assert detail.startswith("authentication required: the ") and why in detail
+            assert "Authorization: Bearer <token>" in detail and "KVCTL_AUTH_TOKEN" in detail
+
+        r = run_cli("events", "list", "--controller", url, expected_exit_code=2)
+        assert "authentication required" in r.stderr and "***" not in r.stderr
+        assert "HTTP 401" in r.stderr and "auth_token" in r.stderr
+
+        cli_env.write_text(f"auth_token: {TOKEN}\n")
+        r = run_cli("events", "list", "--controller", url)
+        assert r.stdout == "no events\n"
+        r = run_cli("config", "show", "--json")
+        assert TOKEN not in r.stdout + r.stderr
+        shown = json.loads(r.stdout)["settings"]["auth_token"]
+        assert shown == {"value": "(set)", "source": str(cli_env)}

@@ -54,7 +54,7 @@ def stop_all(*procs: Proc) -> None:
 # 1 ------------------------------------------------------------------ path traversal ----
 def test_move_refuses_chunk_keys_a_worker_made_up(tmp_path: Path):
     disk = tmp_path / "root" / "disk"
-    ctl = start_controller(tmp_path, "ctl", embedded_worker=True, extra={
+    ctl = start_controller(tmp_path, "ctl", worker=True, extra={
         "lmcache_instance_id": "dst", "local_disk": str(disk), "max_local_disk_size": 1})
     toks = list(range(1000, 1004))
     blob = raw_blob(bytes(4 * 2 * 64 * 2))  # 4 tokens of a 1-layer, 1-head model
@@ -184,13 +184,16 @@ def test_only_the_lease_holder_renews_or_deregisters_and_a_gone_holder_is_replac
             assert again.status_code == 200
             assert again.json()["registered_at"] == r.json()["registered_at"]
             assert second.register(mon, "x").status_code == 409
+            # its address alone does not deregister it (anyone can read that in /workers)
+            for body in ({"url": first.url}, {"url": first.url, "lease": "not-the-lease"}):
+                bye = httpx.post(mon + "/workers/deregister", timeout=10,
+                                 json={"instance_id": "x", **body})
+                assert bye.status_code == 200 and bye.json() == {"stopped": False}, body
+            assert workers(ctl.urls["api"])["x"]["state"] == "alive"
             bye = httpx.post(mon + "/workers/deregister", timeout=10,
-                             json={"instance_id": "x", "lease": "not-the-lease"})
-            assert bye.status_code == 409 and first.url in bye.json()["detail"]
-            bye = httpx.post(mon + "/workers/deregister", timeout=10,
-                             json={"instance_id": "x", "lease": lease})
-            assert bye.status_code == 204
-            assert "x" not in workers(ctl.urls["api"])
+                             json={"instance_id": "x", "url": first.url, "lease": lease})
+            assert bye.status_code == 200 and bye.json() == {"stopped": True}
+            assert workers(ctl.urls["api"])["x"]["state"] == "dead"
             assert second.register(mon, "x").status_code == 200
             assert workers(ctl.urls["api"])["x"]["url"] == second.url
             gone_url = second.url

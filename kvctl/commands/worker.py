@@ -28,6 +28,15 @@ def worker(
             metavar="HOST", show_default=False, help="Address to bind. \\[default: 127.0.0.1]"
         ),
     ] = None,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST",
+            show_default=False,
+            help="Host the controller and other workers reach this one at. \\[default: "
+            "--host, or for 0.0.0.0 this machine's address towards the controller]",
+        ),
+    ] = None,
     worker_port: Annotated[
         int | None,
         typer.Option(
@@ -103,6 +112,7 @@ def worker(
     logging.getLogger("httpx").setLevel(logging.WARNING)
     overrides = {
         "host": host,
+        "advertise_host": advertise_host,
         "lmcache_worker_port": worker_port,
         "engine_port": engine_port,
         "model": model,

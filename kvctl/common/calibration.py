@@ -142,17 +142,18 @@ def _kl(lm: LoadedModel, ids: list[int], kv: torch.Tensor, ref_lp: torch.Tensor)
 
 
 def measure(lm: LoadedModel, tokenizer: Any, level: str,
-            layers: list[int] | None = None, texts: tuple[Path, ...] = TEXTS
-            ) -> list[list[float]]:
+            layers: list[int] | None = None, texts: tuple[Path, ...] = TEXTS,
+            codec: BaseCodec | None = None) -> list[list[float]]:
     """Per layer ``[KL(K alone quantized), KL(V alone quantized)]`` at ``level`` with equal
-    steps, the mean over ``texts`` (``layers``: only those, the others reported as 0)."""
-    per_text = [_measure_text(lm, tokenizer, level, layers, t) for t in texts]
+    steps, the mean over ``texts`` (``layers``: only those, the others reported as 0).
+    ``codec``: the codec to measure (default: cachegen at ``level``)."""
+    per_text = [_measure_text(lm, tokenizer, level, layers, t, codec) for t in texts]
     return [[sum(m[i][j] for m in per_text) / len(per_text) for j in range(2)]
             for i in range(len(per_text[0]))]
 
 
 def _measure_text(lm: LoadedModel, tokenizer: Any, level: str, layers: list[int] | None,
-                  text: Path) -> list[list[float]]:
+                  text: Path, codec: BaseCodec | None = None) -> list[list[float]]:
     import torch
 
     from kvctl.codecs import decode_blob, get_codec
@@ -175,7 +176,7 @@ def _measure_text(lm: LoadedModel, tokenizer: Any, level: str, layers: list[int]
         x = x16.float()
         ref, _ = prefill(lm, ids[PREFIX:], past_kv=x)
         ref_lp = torch.log_softmax(ref[:-1].float(), dim=-1)
-        codec = get_codec("cachegen", level=level)
+        codec = codec or get_codec("cachegen", level=level)
         y = torch.cat([decode_blob(codec.encode(x16[:, :, i:i + CHUNK].contiguous())).float()
                        for i in range(0, PREFIX, CHUNK)], dim=2)
         L = x.shape[0]
@@ -236,7 +237,12 @@ def profile_for(lm: LoadedModel, tokenizer: Any) -> ModelProfile | None:
 
     ``None`` when the model cannot be calibrated (the bundled text is too short for it):
     cachegen then uses equal steps, which is what it did before profiles existed.
+    The model's transform basis (``kvctl.common.transform``, for ``kvtc``) is made the
+    same way, once, beside it.
     """
+    from kvctl.common.transform import transform_for
+
+    transform_for(lm, tokenizer)
     prof = load_profile(lm.name)
     if prof is not None:
         return prof
@@ -261,6 +267,18 @@ def codec_params(method: str, profile: ModelProfile | None) -> tuple[str, dict[s
 
     codec = codec_for_method(method)
     params = dict(codec.params)
+    if getattr(codec, "takes_basis", False):
+        # the transform codec's basis and step profile are the model's own (transform.py),
+        # found by the same model name as the cachegen profile
+        from kvctl.common.transform import load_transform
+
+        t = load_transform(profile.model) if profile is not None else None
+        if t is not None:
+            params["basis"] = t.id
+            steps = t.meta.get("multipliers", {}).get(str(params.get("level")))
+            if steps is not None:
+                params["profile"] = steps
+        return codec.name, params
     if profile is not None and getattr(codec, "takes_profile", False):
         steps = profile.multipliers.get(str(params.get("level")))
         if steps is not None:

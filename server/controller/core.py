@@ -73,9 +73,28 @@ class Controller:
         self._relays: dict[str, asyncio.Task[None]] = {}
         self._beat: asyncio.Task[None] | None = None
         self._local_lease: str | None = None
+        # LMCache 0.5.6 instances (kvctl.server.lmcache): with their sockets bound, or with a
+        # shared state where another controller may hold them
+        self.lmcache: Any = None
+
+    async def _start_lmcache(self) -> None:
+        s = self.settings
+        if s.lmcache_monitor_ports is None and not s.state:
+            return
+        from kvctl.server.lmcache.fleet import LMCacheFleet
+
+        self.lmcache = LMCacheFleet(s, self.state, self.controller_id, self._spawn)
+        await self.lmcache.start()
+
+    async def _lmcache_instance(self, instance_id: str) -> bool:
+        """Whether ``instance_id`` is an LMCache instance (a kvctl worker's id wins)."""
+        if self.lmcache is None or not await self.lmcache.has_instance(instance_id):
+            return False
+        return await self.state.get_worker(instance_id) is None
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
+        await self._start_lmcache()
         if self.runtime is None:
             return
         try:
@@ -93,6 +112,8 @@ class Controller:
                 await t
         for t in self._http.values():
             await t.close()
+        if self.lmcache is not None:
+            await self.lmcache.close()
         await self.state.close()
 
     async def _local_heartbeat(self, registering: bool = False) -> None:
@@ -168,17 +189,6 @@ class Controller:
                 "registered_at": rec.registered_at, "controller_id": self.controller_id,
                 "lease": lease}
 
-    async def deregister(self, instance_id: str, lease: str) -> None:
-        """A worker leaves (it stops): its record goes, its instance id is free again."""
-        old = await self.state.get_worker(instance_id)
-        if old is None:
-            return
-        if not (old.lease_hash and hmac.compare_digest(old.lease_hash, lease_hash(lease))):
-            raise Conflict(f"instance {instance_id!r} is held by the worker at {old.url}; only "
-                           "that worker (its lease) can deregister it")
-        await self.state.delete_worker(instance_id)
-        log.info("instance %s deregistered: worker at %s", instance_id, old.url)
-
     async def _make_room(self, iid: str, now: float) -> None:
         """Registrations are bounded (max_workers): a dead worker's record makes room for a
         new one; with none dead, the newcomer is refused."""
@@ -238,6 +248,22 @@ class Controller:
         writer.close()
         return False
 
+    async def deregister(self, body: dict[str, Any]) -> bool:
+        """A worker stopping cleanly: shown dead from now on (not after dead_after_s), and
+        its instance id free for another worker. Only the holder may say so: its lease (a
+        record from before leases: its URL); False when it is not the one."""
+        rec = await self.state.get_worker(str(body["instance_id"]))
+        if rec is None or rec.url != body["url"] or rec.stopped_at is not None:
+            return False
+        lease = body.get("lease")
+        if rec.lease_hash is not None and not (isinstance(lease, str) and hmac.compare_digest(
+                rec.lease_hash, lease_hash(lease))):
+            return False
+        rec.stopped_at = time.time()
+        await self.state.put_worker(rec)
+        log.info("instance %s: worker at %s stopped (deregistered)", rec.instance_id, rec.url)
+        return True
+
     def transport(self, rec: WorkerRecord) -> WorkerTransport:
         if (self._local is not None and self.runtime is not None
                 and rec.instance_id == self.runtime.instance_id and rec.url == self.self_url):
@@ -256,6 +282,9 @@ class Controller:
         return t
 
     def _dead_reason(self, rec: WorkerRecord) -> str:
+        if rec.stopped_at is not None:
+            return (f"the worker of instance {rec.instance_id!r} at {rec.url} was stopped "
+                    f"{time.time() - rec.stopped_at:.0f} s ago (it deregistered)")
         age = time.time() - rec.last_heartbeat
         return (f"the worker of instance {rec.instance_id!r} at {rec.url} is dead: no "
                 f"heartbeat for {age:.0f} s (dead after {self.settings.dead_after_s:g} s)")
@@ -263,7 +292,7 @@ class Controller:
     async def route(self, instance_id: str) -> tuple[WorkerRecord, WorkerTransport]:
         rec = await self.state.get_worker(instance_id)
         if rec is None:
-            known = sorted(w.instance_id for w in await self.state.list_workers())
+            known = await self._known_instances()
             raise UnknownInstance(f"unknown instance_id {instance_id!r}; registered instances: "
                                   f"{', '.join(known) or 'none'}")
         if not self._is_alive(rec):
@@ -285,6 +314,13 @@ class Controller:
         return await asyncio.wait_for(transport.call(op, body),
                                       timeout_s or self.settings.fanout_timeout_s)
 
+    async def _known_instances(self) -> list[str]:
+        known = {w.instance_id for w in await self.state.list_workers()}
+        if self.lmcache is not None:
+            await self.lmcache.refresh()
+            known.update(self.lmcache.instances())
+        return sorted(known)
+
     def check_tokens(self, tokens: Sequence[int]) -> None:
         if len(tokens) > self.settings.max_request_tokens:
             raise TooLarge(f"{len(tokens)} tokens is more than the "
@@ -296,6 +332,9 @@ class Controller:
         """Route a command to the instance's worker; the event is recorded before it runs."""
         if "tokens" in body:
             self.check_tokens(body["tokens"])
+        if await self._lmcache_instance(instance_id):
+            # an LMCache worker keeps no events: this controller runs and tracks the job
+            return await self.lmcache.submit(worker_op or op, instance_id, body)
         rec, transport = await self.route(instance_id)
         event_id = new_event_id(op)
         # Recorded first, so a state store that is gone refuses before any work starts.
@@ -322,6 +361,9 @@ class Controller:
 
     async def move(self, old: tuple[str, str], new: tuple[str, str], tokens: Sequence[int],
                    should_copy: bool) -> Event:
+        if await self._lmcache_instance(old[0]) or await self._lmcache_instance(new[0]):
+            self.check_tokens(tokens)
+            return await self.lmcache.move(old, new, list(tokens), should_copy)
         if old[0] == new[0]:
             return await self.submit("move", old[0], {
                 "old_position": list(old), "new_position": list(new), "tokens": list(tokens),
@@ -421,6 +463,12 @@ class Controller:
                 continue
             layout.update(got_layout)
             tiers.update(got_tiers)
+        if self.lmcache is not None:
+            # LMCache instances: from the directory their admit/evict streams keep, no fan-out
+            lm_layout, lm_tiers = await self.lmcache.lookup(tokens)
+            for iid, entry in lm_layout.items():
+                layout.setdefault(iid, entry)
+                tiers.setdefault(iid, lm_tiers.get(iid, {}))
         return layout, tiers, sorted(late)
 
     # ---- events -------------------------------------------------------------------------
@@ -446,10 +494,16 @@ class Controller:
             raise UnknownEvent(f"unknown event_id {event_id!r} ({where})")
         return (await self._refresh([row]))[0].event
 
-    async def list_events(self, status: str | None, limit: int | None) -> list[Event]:
-        rows = await self.state.list_events(self.settings.max_events if status or not limit
+    async def list_events(self, status: str | None, limit: int | None,
+                          instance_id: str | None = None, method: str | None = None
+                          ) -> list[Event]:
+        filtered = bool(status or instance_id or method)
+        rows = await self.state.list_events(self.settings.max_events if filtered or not limit
                                             else limit)
-        evs = [r.event for r in await self._refresh(rows) if status in (None, r.event.status)]
+        evs = [r.event for r in await self._refresh(rows)
+               if status in (None, r.event.status)
+               and instance_id in (None, r.event.instance_id)
+               and (method is None or method_matches(r.event.method, method))]
         return evs[-limit:] if limit else evs
 
     async def _refresh(self, rows: list[EventRow]) -> list[EventRow]:
@@ -472,7 +526,8 @@ class Controller:
     def _check_relay(self, row: EventRow) -> None:
         # A relay is advanced by the controller that started it; one that stopped touching it
         # (killed, restarted) will never finish it.
-        if row.event.event_id in self._relays:
+        if row.event.event_id in self._relays or (
+                self.lmcache is not None and row.event.event_id in self.lmcache.jobs):
             return
         idle = time.time() - row.touched_at
         if idle > self.settings.dead_after_s:
@@ -527,15 +582,33 @@ class Controller:
 
     # ---- workers ------------------------------------------------------------------------
     async def workers(self, instance_id: str | None = None) -> list[dict[str, Any]]:
-        """Each worker: address, last heartbeat, alive/dead, chunks and bytes per location."""
+        """Each worker: address, last heartbeat, alive/dead, chunks and bytes per location,
+        kvctl workers and LMCache workers alike (``kind``). ``"all"`` is every instance, as
+        LMCache's /query_worker_info takes it."""
+        if instance_id == "all":
+            instance_id = None
         recs = await self.state.list_workers()
         if instance_id is not None:
             recs = [r for r in recs if r.instance_id == instance_id]
-            if not recs:
-                known = sorted(w.instance_id for w in await self.state.list_workers())
-                raise UnknownInstance(f"unknown instance_id {instance_id!r}; registered "
-                                      f"instances: {', '.join(known) or 'none'}")
-        return list(await asyncio.gather(*(self._view(r) for r in recs)))
+        views = list(await asyncio.gather(*(self._view(r) for r in recs)))
+        if self.lmcache is not None:
+            kvctl_ids = {r.instance_id for r in recs}
+            views += [v for v in await self.lmcache.views(instance_id)
+                      if v["instance_id"] not in kvctl_ids]
+        if instance_id is not None and not views:
+            known = await self._known_instances()
+            raise UnknownInstance(f"unknown instance_id {instance_id!r}; registered "
+                                  f"instances: {', '.join(known) or 'none'}")
+        return views
+
+    async def health_codes(self, instance_id: str) -> tuple[dict[int, int],
+                                                            list[dict[str, Any]]]:
+        """Per worker of the instance its health code (an LMCache worker is asked)."""
+        views = await self.workers(instance_id)
+        codes = {v["worker_id"]: v["error_code"] for v in views}
+        if await self._lmcache_instance(instance_id):
+            codes = await self.lmcache.health(instance_id)
+        return codes, views
 
     async def _view(self, rec: WorkerRecord) -> dict[str, Any]:
         now = time.time()
@@ -555,7 +628,7 @@ class Controller:
             ip, port = u.hostname or "", u.port or 0
         except ValueError:
             ip, port = "", 0
-        return {"instance_id": rec.instance_id, "worker_id": rec.worker_id,
+        return {"instance_id": rec.instance_id, "worker_id": rec.worker_id, "kind": "kvctl",
                 "ip": ip, "port": port, "url": rec.url, "late": late,
                 "engine_url": rec.engine_url, "distributed_url": None,
                 "state": ALIVE if alive else DEAD, "error_code": code,
@@ -563,6 +636,11 @@ class Controller:
                 "last_heartbeat_time": rec.last_heartbeat,
                 "heartbeat_age_s": round(now - rec.last_heartbeat, 3),
                 "chunk_size": rec.chunk_size, "locations": locations}
+
+
+def method_matches(have: str | None, want: str) -> bool:
+    """``want`` names the method exactly (``kivi-2``) or its codec, every level (``kivi``)."""
+    return have is not None and (have == want or have.startswith(want + "-"))
 
 
 def _fail(ev: Event, reason: str) -> None:

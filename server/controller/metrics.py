@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvctl.server.worker.metrics import RuntimeCollector
+from kvctl.server.http.metrics import RequestMetrics
+from kvctl.server.worker.metrics import RuntimeCollector, process_collectors, render
 from kvctl.server.worker.runtime import WorkerRuntime
 
 
@@ -34,13 +34,20 @@ class WorkersCollector(Collector):
             for loc in v["locations"]:
                 chunks.add_metric([iid, loc["location"]], loc["chunks"])
                 nbytes.add_metric([iid, loc["location"]], loc["bytes"])
-        yield from (up, age, chunks, nbytes)
+        states = GaugeMetricFamily("kvctl_workers", "Registered workers, by state",
+                                   labels=["state"])
+        for state in ("alive", "dead"):
+            states.add_metric([state], sum(v["state"] == state for v in self.views))
+        yield from (up, age, chunks, nbytes, states)
 
 
-def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]]
-                              ) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
+def render_controller_metrics(runtime: WorkerRuntime | None, views: list[dict[str, Any]],
+                              requests: RequestMetrics | None = None) -> bytes:
+    """The controller's /metrics: its workers, its requests, its process, and the embedded
+    worker's tiers and codecs (when it runs one)."""
+    parts: list[Collector] = [WorkersCollector(views), *process_collectors("controller")]
     if runtime is not None:
-        registry.register(RuntimeCollector(runtime))
-    registry.register(WorkersCollector(views))
-    return generate_latest(registry)
+        parts.append(RuntimeCollector(runtime))
+    if requests is not None:
+        parts.append(requests.latency)
+    return render(*parts)

@@ -53,8 +53,12 @@ class WorkerRecord:
     pid: int | None = None
     # SHA-256 of the worker's lease (its credential for the instance), never the lease
     lease_hash: str | None = None
+    # when the worker said it was stopping (a clean stop deregisters at once)
+    stopped_at: float | None = None
 
     def alive(self, dead_after_s: float, now: float | None = None) -> bool:
+        if self.stopped_at is not None:
+            return False
         return ((now or time.time()) - self.last_heartbeat) <= dead_after_s
 
     def to_dict(self) -> dict[str, Any]:

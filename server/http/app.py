@@ -20,7 +20,8 @@ from kvctl.server import errors
 from kvctl.server.config import ServerSettings
 from kvctl.server.controller import Controller, open_state
 from kvctl.server.http.limits import install_guards
-from kvctl.server.http.routers import cache, cluster, events
+from kvctl.server.http.metrics import install_request_metrics
+from kvctl.server.http.routers import cache, cluster, events, lmcache
 from kvctl.server.storage import StorageError
 from kvctl.server.worker.runtime import WorkerRuntime
 
@@ -133,9 +134,11 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     app.include_router(cache.router)
     app.include_router(events.router)
     app.include_router(cluster.router)
+    app.include_router(lmcache.router)
     # the embedded worker's command API, for other controllers that share this one's state
     app.include_router(worker_app.router)
     install_error_handlers(app)
     worker_app.install_ops(app)
     install_guards(app, settings)
+    install_request_metrics(app, "controller")
     return app

@@ -135,7 +135,7 @@ class MoveRequest(_Body):
 
 
 class WorkerInfoRequest(_Body):
-    instance_id: str
+    instance_id: str = Field(description='an instance, or "all" for every one')
     worker_ids: list[int] | None = None
 
 
@@ -145,11 +145,19 @@ class LocationInfo(BaseModel):
     bytes: int = Field(ge=0)
     capacity_bytes: int | None = Field(ge=0)
     pinned_chunks: int = Field(ge=0)
+    # since the worker started; absent from workers of older kvctl releases (0, empty)
+    bytes_by_codec: dict[str, int] = Field(default_factory=dict, max_length=64)
+    hits: int = 0
+    misses: int = 0
+    read_failures: int = 0
+    evictions: int = 0
 
 
 class WorkerInfo(BaseModel):
     instance_id: str
     worker_id: int
+    kind: Literal["kvctl", "lmcache"] = Field("kvctl", description="a `kvctl worker` or an "
+                                              "LMCache 0.5.6 LMCacheWorker")
     ip: str
     port: int
     url: str
@@ -164,6 +172,13 @@ class WorkerInfo(BaseModel):
     locations: list[LocationInfo]
     # did not answer by the fan-out deadline: its numbers are the last heartbeat's
     late: bool = False
+    # LMCache workers only
+    peer_init_url: str | None = None
+    key_count: int | None = None
+    directory: Literal["ok", "syncing", "missing"] | None = None
+    queued_commands: int | None = None
+    held_here: bool | None = Field(None, description="this controller holds its sockets "
+                                   "(else another one on the same state does)")
 
 
 class WorkerList(BaseModel):
@@ -186,7 +201,13 @@ class HeartbeatRequest(_Body):
 
 class DeregisterRequest(_Body):
     instance_id: str
-    lease: str = Field(max_length=128)
+    url: str = Field(description="the URL the worker registered with")
+    lease: str | None = Field(None, max_length=128, description="the worker's lease: only "
+                              "the instance's holder may deregister it")
+
+
+class DeregisterResponse(BaseModel):
+    stopped: bool  # false: no such worker registered at that URL (nothing changed)
 
 
 class HeartbeatResponse(BaseModel):
@@ -201,6 +222,12 @@ class HeartbeatResponse(BaseModel):
 class WorkerInfoResponse(BaseModel):
     event_id: str
     worker_infos: list[WorkerInfo]
+
+
+class ClusterHealth(BaseModel):
+    status: Literal["ok"]
+    # "instance_id/worker_id" -> 0 healthy, 1 a storage location failed, 2 dead
+    error_codes: dict[str, int]
 
 
 class HealthRequest(_Body):
@@ -225,6 +252,16 @@ class CheckFinishResponse(BaseModel):
 
 class EventList(BaseModel):
     events: list[Event]
+
+
+class QueryInstanceRequest(_Body):
+    event_id: str = ""
+    ip: str
+
+
+class QueryInstanceResponse(BaseModel):
+    event_id: str
+    res: str | None
 
 
 class CodecList(BaseModel):

@@ -39,6 +39,9 @@ PINS = "pins.json"
 # What may name a chunk file: the project's keys are 32 hex digits (kvctl.server.chunks);
 # whatever else arrives here is at least a plain file name that cannot leave the directory.
 _SAFE_KEY = re.compile(r"[0-9A-Za-z_]{1,128}")
+# corrupt chunk files are moved here for a post-mortem; the oldest go past this many
+QUARANTINE = "quarantine"
+QUARANTINE_KEEP = 16
 
 
 def _file_label(path: Path) -> str | None:
@@ -242,6 +245,35 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         for p in self.root.glob(f"{key}-*{SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+    def quarantine(self, key: str) -> str:
+        """Move a corrupt chunk's file into ``quarantine/`` (out of the index, so lookups
+        stop counting it); only the newest QUARANTINE_KEEP files are kept there."""
+        qdir = self.root / QUARANTINE
+        with self._lock:
+            gen = self._pins_gen
+            e = self._index.remove(key)
+            if e is None:
+                return "already gone"
+            if e.pinned:
+                self._pins_gen += 1
+            path = self._path(key, e.num_tokens)
+            try:
+                qdir.mkdir(exist_ok=True)
+                os.replace(path, qdir / path.name)
+                kept = sorted(qdir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime_ns)
+                for old in kept[:-QUARANTINE_KEEP]:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+                where = f"moved to {qdir / path.name}"
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                where = f"deleted (cannot move it to {qdir}: {exc.strerror})"
+            changed = gen != self._pins_gen
+        if changed:
+            self._persist_pins()
+        return where
 
     def contains(self, key: str) -> bool:
         with self._lock:

@@ -24,6 +24,7 @@ from kvctl.server.errors import (
 )
 from kvctl.server.http.app import describe_errors, error_response
 from kvctl.server.http.limits import ASGIApp, Receive, Scope, Send
+from kvctl.server.http.metrics import ROUTE_KEY
 from kvctl.server.http.schemas import WORKER_COMMANDS
 from kvctl.server.storage import StorageError
 from kvctl.server.worker.ops import WORKER_OPS
@@ -72,8 +73,11 @@ class WorkerOps:
         body = await _read_all(receive)
         if body is None:  # the client went away
             return
+        op = scope["path"][len(self.PREFIX):]
+        # the request histogram's route: known commands by name, the rest as one
+        scope[ROUTE_KEY] = self.PREFIX + (op if op in WORKER_OPS else "{op}")
         try:
-            result = await self._run(scope["path"][len(self.PREFIX):], body)
+            result = await self._run(op, body)
         except (DomainError, StorageError) as exc:
             response = error_response(exc)
         except ValidationError as exc:
@@ -164,6 +168,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     from kvctl import __version__
     from kvctl.server.http.app import install_error_handlers
     from kvctl.server.http.limits import install_guards
+    from kvctl.server.http.metrics import install_request_metrics
 
     app = FastAPI(title="kvctl worker", version=__version__, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
@@ -171,9 +176,28 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     install_error_handlers(app)
     install_ops(app)
     install_guards(app, runtime.settings)
+    requests = install_request_metrics(app, "worker")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return await asyncio.to_thread(runtime.info)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """This worker's tiers, codecs, queue, requests and liveness (Prometheus text)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from kvctl.server.worker.metrics import (
+            HeartbeatCollector,
+            RuntimeCollector,
+            process_collectors,
+            render,
+        )
+
+        beat = getattr(app.state, "heartbeat", None)
+        parts = [RuntimeCollector(runtime), requests.latency, *process_collectors("worker"),
+                 *([HeartbeatCollector(beat)] if beat is not None else [])]
+        body = await asyncio.to_thread(render, *parts)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -227,38 +227,28 @@ class WorkerRuntime:
         codec = self.codec(method)
         backend = self.backend(location)
         refs = self.matched(backend, tokens)
-        warning = self._check_stacking(backend, refs, codec, force)
-        ev = self._schedule(self._pool, "compress", instance_id, method, location, refs,
-                            lambda ev, rs: self._transcode(ev, rs, backend, codec,
-                                                           "compress"), event_id)
-        if warning:
-            self.events.record(ev, warning=warning)
-        return ev
+        if not force and self.events.active() == 0:
+            # Nothing queued or running could change these chunks before this job runs, so
+            # a refusal now is the one the job would reach: say it at once, as a 409.
+            # Otherwise the job decides when it runs (see _transcode).
+            self._refuse_stacking(backend.name, len(refs), _stacked(
+                [(label, ()) for label in backend.codecs_many([r.key for r in refs])],
+                label_for(codec.name, codec.header_params)), codec)
+        return self._schedule(self._pool, "compress", instance_id, method, location, refs,
+                              lambda ev, rs: self._transcode(ev, rs, backend, codec,
+                                                             "compress", force), event_id)
 
-    def _check_stacking(self, backend: StorageBackend, refs: list[ChunkRef], codec: Any,
-                        force: bool) -> str | None:
-        """Refuse (409) to re-encode chunks that another lossy codec already holds, unless
-        ``force``: the losses would add up and nothing downstream could tell. Forced, the
-        event carries a warning instead."""
-        if not refs:
-            return None
-        target = label_for(codec.name, codec.header_params)
-        lossy: dict[str, int] = {}
-        for label in backend.codecs_many([r.key for r in refs]):
-            if label is None or label in (target, UNKNOWN_CODEC) or _lossless(label):
-                continue
-            lossy[label] = lossy.get(label, 0) + 1
+    @staticmethod
+    def _refuse_stacking(location: str, total: int, lossy: dict[str, int], codec: Any) -> None:
+        """Refuse to re-encode chunks that another lossy codec already went through: the
+        losses would add up and nothing downstream could tell."""
         if not lossy:
-            return None
-        held = ", ".join(f"{n} with {label}" for label, n in sorted(lossy.items()))
-        n = sum(lossy.values())
-        if not force:
-            raise Conflict(f"{n} of {len(refs)} chunks in {backend.name} are already "
-                           f"compressed lossily ({held}); compressing them with {target} "
-                           "would add its loss to theirs. Compress with the same method, or "
-                           "pass force=true (kvctl compress --force) to accept both losses")
-        return (f"forced: {n} of {len(refs)} chunks were already lossy ({held}); their "
-                f"{target} encoding carries both losses")
+            return
+        target = label_for(codec.name, codec.header_params)
+        raise Conflict(f"{sum(lossy.values())} of {total} chunks in {location} are already "
+                       f"compressed lossily ({_held(lossy)}); compressing them with {target} "
+                       "would add its loss to theirs. Compress with the same method, or pass "
+                       "force=true (kvctl compress --force) to accept both losses")
 
     def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
                    event_id: str | None = None) -> Event:
@@ -272,12 +262,20 @@ class WorkerRuntime:
                                                              "decompress"), event_id)
 
     def _transcode(self, ev: Event, refs: list[ChunkRef], backend: StorageBackend, target: Any,
-                   op: str) -> None:
-        """Re-encode each chunk with ``target`` (the raw codec when decompressing)."""
+                   op: str, force: bool = False) -> None:
+        """Re-encode each chunk with ``target`` (the raw codec when decompressing).
+
+        A compress checks each chunk as it finds it when the job runs (not when it was
+        scheduled: a job queued before it may have changed the chunk), against its codec
+        and the lossy methods it went through before, which every blob carries in its
+        history (decompressing keeps them). Unforced, a chunk another lossy method went
+        through fails the job there; forced, the event's warning counts those chunks.
+        """
         method = ev.method or target.name
         target_label = label_for(target.name, target.header_params)
         params_json = json.dumps(target.params)
         codecs: list[list[str]] = []
+        stacked: dict[str, int] = {}
         for i, ref in enumerate(refs):
             blob = backend.get(ref.key)
             if blob is None:
@@ -287,24 +285,49 @@ class WorkerRuntime:
                     f"{len(refs)} chunks done")
             try:
                 info = self.check_blob(blob)
+                before = label_for(info.codec, info.params)
+                if op == "compress":
+                    lossy = _stacked([(before, info.history)], target_label)
+                    if lossy and not force:
+                        raise Conflict(
+                            f"chunk {i} (tokens {ref.start}-{ref.end}) in {backend.name} "
+                            f"already went through the lossy {next(iter(lossy))}; "
+                            f"compressing it with {target_label} would add its loss to that "
+                            "one, so it was left as it is. Compress with the same method, or "
+                            "pass force=true (kvctl compress --force) to accept both losses; "
+                            f"{ev.chunks_done} of {len(refs)} chunks done")
+                    for label in lossy:
+                        stacked[label] = stacked.get(label, 0) + 1
+                    if lossy:
+                        self.events.record(ev, warning=(
+                            f"forced: {sum(stacked.values())} of {len(refs)} chunks were "
+                            f"already lossy ({_held(stacked)}); their {target_label} "
+                            "encoding carries both losses"))
+                codecs.append([before, target_label])
+                if info.codec == target.name and info.params == target.header_params:
+                    self.events.progress(ev, len(blob), len(blob))
+                    self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
+                    continue
+                history = tuple(dict.fromkeys(
+                    [*info.history, *([] if _lossless(before) else [before])]))
+                new, elapsed = self._codec.submit(transcode_blob, blob, target.name,
+                                                  params_json, self.device, history).result()
             except ChunkShapeError as exc:
                 raise StorageError(f"chunk {i} (tokens {ref.start}-{ref.end}) in "
                                    f"{backend.name} is not decoded: {exc}") from None
-            before = label_for(info.codec, info.params)
-            codecs.append([before, target_label])
-            if info.codec == target.name and info.params == target.header_params:
-                self.events.progress(ev, len(blob), len(blob))
-                self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
-                continue
-            new, elapsed = self._codec.submit(transcode_blob, blob, target.name, params_json,
-                                              self.device).result()
+            except CodecError as exc:
+                self.store.corrupt(backend.name, ref.key, exc)
+                raise StorageError(
+                    f"chunk {i} (key {ref.key}, tokens {ref.start}-{ref.end}) in "
+                    f"{backend.name} is corrupt ({exc}); it was quarantined, so the engine "
+                    f"reads it from another location or recomputes it; {ev.chunks_done} of "
+                    f"{len(refs)} chunks done") from None
             backend.put(ref.key, new, ref.num_tokens)
             self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
             with self._stats_lock:
                 # a decompress is counted under the codec it actually decoded
                 k = (op, method if op == "compress" else _metric_label(before))
-                self.codec_times.seconds[k] = self.codec_times.seconds.get(k, 0.0) + elapsed
-                self.codec_times.chunks[k] = self.codec_times.chunks.get(k, 0) + 1
+                self.codec_times.add(k, elapsed)
                 if op == "compress":
                     self.bytes_saved += len(blob) - len(new)
             self.events.progress(ev, len(blob), len(new))
@@ -448,8 +471,12 @@ class WorkerRuntime:
 
     # ---- status ------------------------------------------------------------------------
     def locations(self) -> tuple[list[dict[str, Any]], int]:
-        """Stats per location and an error code: 0 healthy, 1 a location is unreachable."""
+        """Stats per location and an error code: 0 healthy, 1 a location is unreachable.
+
+        With each location, its bytes per codec and the engine's reads from it since start
+        (hits, misses, failed reads) and its evictions: what `kvctl workers` shows."""
         out, code = [], 0
+        c = self.store.counters
         for name, backend in self.backends.items():
             if isinstance(backend, LocalCPUBackend | LocalDiskBackend):
                 s: Any = backend.stats()
@@ -460,8 +487,13 @@ class WorkerRuntime:
                     s = self._stats_last.get(name) if s is False else None
                     if s is None:
                         continue
+            with c.lock:
+                reads = {t: getattr(c, t).get(name, 0)
+                         for t in ("hits", "misses", "read_failures")}
             out.append({"location": name, "chunks": s.chunks, "bytes": s.bytes,
-                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks})
+                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks,
+                        "bytes_by_codec": dict(sorted(s.bytes_by_codec.items())),
+                        "evictions": s.evictions, **reads})
         return out, code
 
     def _bounded_stats(self, name: str, backend: StorageBackend) -> Any:
@@ -560,6 +592,23 @@ def _log_warm_up(fut: Any) -> None:
     # never fatal: the first real job will report the real error
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("codec warm-up failed: %s", fut.exception())
+
+
+def _stacked(chunks: Sequence[tuple[str | None, Sequence[str]]], target: str
+             ) -> dict[str, int]:
+    """Lossy methods other than ``target`` that the chunks went through, counted per method
+    (one chunk counts once, under its latest such method): (current label, history) each."""
+    out: dict[str, int] = {}
+    for label, history in chunks:
+        seen = [m for m in (*history, label) if m is not None and m not in (target,
+                UNKNOWN_CODEC) and not _lossless(m)]
+        if seen:
+            out[seen[-1]] = out.get(seen[-1], 0) + 1
+    return out
+
+
+def _held(lossy: dict[str, int]) -> str:
+    return ", ".join(f"{n} with {label}" for label, n in sorted(lossy.items()))
 
 
 def _lossless(label: str) -> bool:
