@@ -118,6 +118,18 @@ class ServerSettings(BaseModel):
                                     description="how long the controller waits for a worker")
     advertise_host: str | None = Field(None, description="host other processes reach this "
                                        "one at; default: host")
+    # the cluster boundary: what a worker (or anything registered as one) may cost
+    max_workers: int = Field(256, ge=1, le=100_000, description="registered workers at most "
+                             "(dead ones make room); a registration beyond answers 409")
+    fanout_timeout_s: float = Field(1.0, gt=0, le=600, description="how long /lookup, "
+                                    "/workers and /metrics wait for each worker; a later "
+                                    "answer is left out and its instance marked late")
+    max_chunk_elements: int = Field(1 << 26, ge=1, le=1 << 32, description="elements a chunk "
+                                    "blob may claim in its header before it is decoded")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request's headers "
+                                    "must arrive within this (slowloris)")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body may "
+                                  "pause this long between reads; then 408")
 
     # LMCache 0.5.6 fleets: the controller sockets their LMCacheWorkers talk to
     lmcache_monitor_ports: dict[str, int] | None = Field(

@@ -89,6 +89,13 @@ class Busy(DomainError):
     retry_after_s = 1
 
 
+class UnknownChunk(DomainError):
+    """A chunk that is not (or no longer) in a location."""
+
+    kind = "unknown_chunk"
+    http_status = 404
+
+
 class ChecksumMismatch(DomainError):
     """Bytes that arrived differ from the bytes that were sent."""
 

@@ -84,8 +84,10 @@ def spawn(name: str, args: list[str], tmp: Path, own_group: bool = False,
 
 
 def start_controller(tmp: Path, name: str = "controller", state: str | None = None,
-                     ports: tuple[int, int] | None = None, extra: dict[str, Any] | None = None,
-                     worker: bool = False, own_group: bool = False) -> Proc:
+                     ports: tuple[int, int] | None = None,
+                     extra: dict[str, Any] | None = None, worker: bool = False,
+                     own_group: bool = False) -> Proc:
+    """``extra``: more config keys; ``worker``: run `kvctl serve`'s own worker."""
     port, monitor = ports or (free_port(), free_port())
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({**FAST, **({"state": state} if state else {}),

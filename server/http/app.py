@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,8 +49,13 @@ def error_response(exc: errors.DomainError | StorageError) -> JSONResponse:
 
 
 def describe_validation(exc: RequestValidationError) -> str:
+    return describe_errors(exc.errors())
+
+
+def describe_errors(errs: Any) -> str:
+    """Pydantic's errors as one sentence (``where: what; ...``), the first few only."""
     parts = []
-    for err in exc.errors():
+    for err in list(errs)[:10]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {err.get('msg')}")
