@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.cluster_procs import Proc, _spawn, wait_for
+from tests.cluster_procs import Proc, spawn, wait_for
 from tests.conftest import free_port
 
 # the defaults (2 s / 10 s) meet the 15 s bound too; short ones keep the tests short
@@ -104,7 +104,7 @@ def start_lmcache_controller(tmp: Path, name: str, port: int, monitor: int,
             "--host", "127.0.0.1", "--port", str(port), "--monitor-port", str(monitor)]
     if zmq_ports is not None:
         args += ["--monitor-ports", json.dumps(zmq_ports)]
-    p = _spawn(name, args, tmp)
+    p = spawn(name, args, tmp)
     p.urls = {"api": f"http://127.0.0.1:{port}"}
     wait_for(lambda: _ok(p.urls["api"] + "/workers"), 60, f"{name} did not start", p)
     return p

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster_procs import _ok, _spawn, start_worker, wait_event, wait_for, workers
+from tests.cluster_procs import _ok, spawn, start_worker, wait_event, wait_for, workers
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -132,7 +132,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     # the MP server registered below never heartbeats: it stays registered for the test
     cfg.write_text(yaml.safe_dump({"heartbeat_interval_s": 0.3, "dead_after_s": 3.0,
                                    "coordinator_instance_timeout_s": 600}))
-    serve = _spawn("serve", ["serve", "--config", str(cfg), "--model", "none",
+    serve = spawn("serve", ["serve", "--config", str(cfg), "--model", "none",
                              "--port", str(port), "--monitor-port", str(monitor),
                              "--coordinator-port", str(coord_port)], tmp)
     procs = [serve]

@@ -208,7 +208,7 @@ def test_only_the_lease_holder_renews_or_deregisters_and_a_gone_holder_is_replac
 
 
 def test_a_worker_restarted_on_its_own_port_takes_its_instance_back_at_once(tmp_path: Path):
-    from tests.cluster_procs import _spawn
+    from tests.cluster_procs import spawn
 
     # dead_after_s far beyond the test's patience: the successor must not wait for it
     ctl = start_controller(tmp_path, "ctl", extra={"dead_after_s": 600.0})
@@ -217,7 +217,7 @@ def test_a_worker_restarted_on_its_own_port_takes_its_instance_back_at_once(tmp_
     try:
         first = alive(ctl, "rs", w)
         w.kill9()
-        again = _spawn("rs-again", list(w.proc.args[3:]), tmp_path)
+        again = spawn("rs-again", list(w.proc.args[3:]), tmp_path)
         again.urls = w.urls
         back = wait_for(lambda: (v := workers(ctl.urls["api"])["rs"])["registration_time"]
                         != first["registration_time"] and v, 60,
