@@ -29,7 +29,7 @@ def test_watch_all_follows_events_created_after_it_starts(cli_server, monkeypatc
     created: list[str] = []
     real_list = ctl.list_events
 
-    async def list_events(status: str | None, limit: int | None) -> Any:
+    async def list_events(status: str | None, limit: int | None, *args: Any, **kw: Any) -> Any:
         # The watch's first look for new events: create one just before it looks, so the
         # event is born after the watch began, with no sleep or timing involved.
         if limit == NEW_EVENTS_WINDOW and not created:
@@ -39,7 +39,7 @@ def test_watch_all_follows_events_created_after_it_starts(cli_server, monkeypatc
                     "location": "LocalCPUBackend", "tokens": later})
             created.append(r.json()["event_id"])
             gate.set()
-        return await real_list(status, limit)
+        return await real_list(status, limit, *args, **kw)
 
     monkeypatch.setattr(ctl, "list_events", list_events)
     try:
