@@ -24,6 +24,7 @@ from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.commands.worker import worker
 from kvctl.commands.workers import workers
+from kvctl.common.defaults import debug
 from kvctl.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_CODES_HELP,
@@ -78,7 +79,7 @@ Console.on_broken_pipe = _on_broken_pipe  # type: ignore[method-assign]
 
 
 def _debug() -> bool:
-    return os.environ.get("KVCTL_DEBUG") == "1"
+    return debug()
 
 
 def _option_names(cmd: Any) -> dict[str, bool]:

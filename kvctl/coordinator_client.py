@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from kvctl.client import PROBE_MAX_BYTES, PROBE_PATH, _detail
+from kvctl.common.defaults import AUTH_TOKEN_ENV, env
 from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
 
 KVCTL_TITLE = "kvctl coordinator"
@@ -54,7 +55,7 @@ class CoordinatorClient:
                  ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        token = auth_token  # the settings' (KVCTL_AUTH_TOKEN or the settings file); never shown
+        token = auth_token or env(AUTH_TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._kind: str | None = None

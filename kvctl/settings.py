@@ -8,24 +8,36 @@ auth_token, coordinator. The token has no flag (a flag shows in `ps`) and is nev
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvctl.common.defaults import (
+    AUTH_TOKEN_ENV,
+    CONTROLLER_ENV,
+    COORDINATOR_ENV,
+    DEFAULT_CONTROLLER,
+    DEFAULT_INSTANCE_ID,
+    DEFAULT_LOCATION,
+    DEFAULT_METHOD,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOKENIZER,
+    INSTANCE_ID_ENV,
+    SETTINGS_FILE_ENV,
+    TIMEOUT_ENV,
+    TOKENIZER_ENV,
+    env,
+)
 from kvctl.errors import KvctlError, UsageError
 
-DEFAULT_CONTROLLER = "http://localhost:9000"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_TOKENIZER = "smollm2"
-DEFAULT_INSTANCE_ID = "lmcache_default_instance"
-DEFAULT_METHOD = "cachegen"
-DEFAULT_LOCATION = "LocalCPUBackend"
+__all__ = ["DEFAULT_CONTROLLER", "DEFAULT_INSTANCE_ID", "DEFAULT_LOCATION", "DEFAULT_METHOD",
+           "DEFAULT_TIMEOUT", "DEFAULT_TOKENIZER", "Flags", "Settings", "config_path",
+           "resolve"]
 FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "auth_token", "coordinator")
 SECRET_KEYS = frozenset({"auth_token"})
-ENV_VARS = {"controller": "KVCTL_CONTROLLER", "timeout": "KVCTL_TIMEOUT",
-            "tokenizer": "KVCTL_TOKENIZER", "instance_id": "KVCTL_INSTANCE_ID",
-            "auth_token": "KVCTL_AUTH_TOKEN", "coordinator": "KVCTL_COORDINATOR"}
+ENV_VARS = {"controller": CONTROLLER_ENV, "timeout": TIMEOUT_ENV, "tokenizer": TOKENIZER_ENV,
+            "instance_id": INSTANCE_ID_ENV, "auth_token": AUTH_TOKEN_ENV,
+            "coordinator": COORDINATOR_ENV}
 # coordinator: an LMCache MP coordinator (kvctl's or upstream's); none = the controller API
 DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT_TIMEOUT,
                             "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID,
@@ -34,9 +46,9 @@ DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT
 
 def config_path() -> Path:
     """The settings file in use (it need not exist)."""
-    env = os.environ.get("KVCTL_CONFIG")
-    if env:
-        return Path(env).expanduser()
+    named = env(SETTINGS_FILE_ENV)
+    if named:
+        return Path(named).expanduser()
     import typer
 
     return Path(typer.get_app_dir("kvctl")) / "config.yaml"
@@ -132,11 +144,11 @@ def resolve(flags: Flags | None = None) -> Settings:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in FILE_KEYS:
-        flag, env = getattr(flags, key), os.environ.get(ENV_VARS[key])
+        flag, from_env = getattr(flags, key), env(ENV_VARS[key])
         if flag is not None:
             values[key], sources[key] = flag, f"--{key.replace('_', '-')}"
-        elif env:
-            values[key], sources[key] = env, ENV_VARS[key]
+        elif from_env:
+            values[key], sources[key] = from_env, ENV_VARS[key]
         elif file.get(key) is not None:
             values[key], sources[key] = file[key], str(path)
         else:

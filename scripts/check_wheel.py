@@ -18,6 +18,7 @@ Usage: ``python scripts/check_wheel.py [--keep DIR]`` (run by .ci/run; ~30-60 s)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -194,8 +195,16 @@ def _start(bindir: Path, args: list[str], log: Path, cwd: Path) -> subprocess.Po
     env.update(PYTHONUNBUFFERED="1", KVCTL_DEVICE="cpu", HOME=str(cwd),
                XDG_CONFIG_HOME=str(cwd / ".config"))
     with log.open("w") as f:
+        # a session of its own: whatever it starts (codec pool, forkserver) can be killed
+        # with it if it does not stop
         return subprocess.Popen([str(bindir / "kvctl"), *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _stop(proc: subprocess.Popen, what: str, log: Path) -> None:
@@ -206,10 +215,11 @@ def _stop(proc: subprocess.Popen, what: str, log: Path) -> None:
             # tens of seconds on a busy 2-core machine) before it exits
             proc.wait(STOP_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_group(proc)
             proc.wait(10)
             raise CheckFailed(f"{what} did not stop on SIGINT:\n"
                               f"{log.read_text()[-2000:]}") from None
+    _kill_group(proc)  # anything it left behind
     if proc.returncode not in (0, 130, -signal.SIGINT):
         raise CheckFailed(f"{what} exited {proc.returncode} on SIGINT:\n"
                           f"{log.read_text()[-2000:]}")
@@ -217,15 +227,17 @@ def _stop(proc: subprocess.Popen, what: str, log: Path) -> None:
 
 def run_servers(bindir: Path, work: Path) -> None:
     serve_log, worker_log = work / "serve.log", work / "worker.log"
-    serve = _start(bindir, ["serve", "--model", "none", "--port", "0", "--monitor-port", "0"],
-                   serve_log, work)
+    serve = _start(bindir, ["serve", "--model", "none", "--port", "0", "--monitor-port", "0",
+                            "--coordinator-port", "0"], serve_log, work)
     worker = None
     try:
-        _poll(lambda: {"controller", "monitor"} <= _urls(serve_log).keys(), "kvctl serve",
-              serve, serve_log)
+        _poll(lambda: {"controller", "monitor", "coordinator"} <= _urls(serve_log).keys(),
+              "kvctl serve", serve, serve_log)
         urls = _urls(serve_log)
-        _poll(lambda: httpx.get(urls["monitor"] + "/healthz", timeout=2).status_code == 200,
-              "kvctl serve /healthz", serve, serve_log)
+        for part in ("monitor", "coordinator"):
+            _poll(lambda part=part: httpx.get(urls[part] + "/healthz", timeout=2
+                                              ).status_code == 200,
+                  f"kvctl serve: the {part}'s /healthz", serve, serve_log)
         mon = urls["monitor"].removeprefix("http://")
         worker = _start(bindir, ["worker", "--model", "none", "--controller", mon,
                                  "--instance-id", "wheel-check"], worker_log, work)
@@ -243,9 +255,11 @@ def run_servers(bindir: Path, work: Path) -> None:
             if name not in text:
                 raise CheckFailed(f"the worker's /metrics has no {name}")
     finally:
-        if worker is not None:
-            _stop(worker, "kvctl worker", worker_log)
-        _stop(serve, "kvctl serve", serve_log)
+        try:
+            if worker is not None:
+                _stop(worker, "kvctl worker", worker_log)
+        finally:  # a worker that would not stop must not leave the controller running
+            _stop(serve, "kvctl serve", serve_log)
 
 
 def main() -> int:
@@ -278,8 +292,9 @@ def main() -> int:
                         "warm_up_codecs; warm_up_codecs()"], check=True, cwd=work, timeout=600)
         print(f"clean venv: codecs compiled ({time.monotonic() - t0:.0f} s)", flush=True)
         run_servers(bindir, work)
-        print(f"clean venv: kvctl serve and kvctl worker (--model none) ready, worker "
-              f"registered, /metrics served ({time.monotonic() - t0:.0f} s)", flush=True)
+        print(f"clean venv: kvctl serve (with a coordinator) and kvctl worker (--model none) "
+              f"ready, worker registered, /metrics served ({time.monotonic() - t0:.0f} s)",
+              flush=True)
     except (CheckFailed, subprocess.CalledProcessError) as exc:
         print(f"check_wheel: FAILED: {exc}", file=sys.stderr)
         return 1

@@ -15,13 +15,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvctl.common.defaults import (
+    AUTH_TOKEN_ENV,
+    CONFIG_FILE_ENV,
+    DEFAULT_INSTANCE_ID,
+    DEFAULT_MODEL,
+    env,
+)
 from kvctl.server.redact import redact
 
 log = logging.getLogger("kvctl.server")
 
-DEFAULT_INSTANCE_ID = "lmcache_default_instance"
-CONFIG_ENV = "LMCACHE_CONFIG_FILE"
-AUTH_TOKEN_ENV = "KVCTL_AUTH_TOKEN"
 
 # LMCache keys that are meaningful upstream but configure nothing in the bundled server:
 # accepted (a real LMCache config loads) and named in a warning.
@@ -74,7 +78,7 @@ class ServerSettings(BaseModel):
     port: int = Field(9000, ge=0, le=65535)
     monitor_port: int | None = Field(9001, ge=0, le=65535)
     engine_port: int = Field(8000, ge=0, le=65535)
-    model: str = "smollm2"
+    model: str = DEFAULT_MODEL
     codec_threads: int = Field(1, ge=1, le=64, description="size of the codec worker pool")
     torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
     max_request_tokens: int = Field(1_000_000, ge=1)
@@ -114,6 +118,18 @@ class ServerSettings(BaseModel):
                                     description="how long the controller waits for a worker")
     advertise_host: str | None = Field(None, description="host other processes reach this "
                                        "one at; default: host")
+    # the cluster boundary: what a worker (or anything registered as one) may cost
+    max_workers: int = Field(256, ge=1, le=100_000, description="registered workers at most "
+                             "(dead ones make room); a registration beyond answers 409")
+    fanout_timeout_s: float = Field(1.0, gt=0, le=600, description="how long /lookup, "
+                                    "/workers and /metrics wait for each worker; a later "
+                                    "answer is left out and its instance marked late")
+    max_chunk_elements: int = Field(1 << 26, ge=1, le=1 << 32, description="elements a chunk "
+                                    "blob may claim in its header before it is decoded")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request's headers "
+                                    "must arrive within this (slowloris)")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body may "
+                                  "pause this long between reads; then 408")
 
     # LMCache 0.5.6 fleets: the controller sockets their LMCacheWorkers talk to
     lmcache_monitor_ports: dict[str, int] | None = Field(
@@ -318,10 +334,11 @@ def build_settings(config_file: str | os.PathLike[str] | None = None,
 
     Overrides whose value is None are ignored, so CLI flags left unset fall through.
     """
-    source = str(config_file or os.environ.get(CONFIG_ENV) or "")
+    source = str(config_file or env(CONFIG_FILE_ENV) or "")
     data = load_config_file(source) if source else {}
-    if os.environ.get(AUTH_TOKEN_ENV):  # the environment beats the file, a flag beats both
-        data["auth_token"] = os.environ[AUTH_TOKEN_ENV]
+    token = env(AUTH_TOKEN_ENV)
+    if token:  # the environment beats the file, a flag beats both
+        data["auth_token"] = token
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return ServerSettings(**data)

@@ -136,7 +136,8 @@ def run_stack(settings: ServerSettings, access_log: bool = False) -> None:
 
         apps["engine"] = create_engine_app(runtime, settings.model)  # type: ignore[arg-type]
     try:
-        serve_apps([(name, apps[name], sk) for name, sk in socks], access_log)
+        serve_apps([(name, apps[name], sk) for name, sk in socks], access_log,
+                   header_timeout_s=settings.header_timeout_s)
     finally:
         if runtime is not None:
             runtime.close()
@@ -192,7 +193,8 @@ def run_worker(settings: ServerSettings, access_log: bool = False) -> None:
                      settings.heartbeat_interval_s)
     worker_app.state.heartbeat = beat  # its liveness counters, on the worker's /metrics
     try:
-        serve_apps(plan, access_log, background=beat.run, on_stop=beat.deregister)
+        serve_apps(plan, access_log, background=beat.run, on_stop=beat.deregister,
+                   header_timeout_s=settings.header_timeout_s)
     finally:
         runtime.close()
 
@@ -238,6 +240,10 @@ class Heartbeat:
         self.engine_url = engine_url
         self.interval_s = interval_s
         self.registered_with: str | None = None
+        # this worker's credential for its instance, issued by the controller at
+        # registration and proven on every heartbeat (see Controller.heartbeat)
+        self.lease: str | None = None
+        self._refused: str | None = None
         self.beats_ok = 0  # for /metrics
         self.beats_failed = 0
 
@@ -270,7 +276,7 @@ class Heartbeat:
                                          headers=headers) as http:
                 r = await http.post(base + "/workers/deregister",
                                     json={"instance_id": self.runtime.instance_id,
-                                          "url": self.url})
+                                          "url": self.url, "lease": self.lease})
             if r.status_code == 200:
                 log.info("instance %s deregistered from the controller at %s",
                          self.runtime.instance_id, base)
@@ -288,7 +294,7 @@ class Heartbeat:
         body = {"instance_id": self.runtime.instance_id, "worker_id": self.runtime.worker_id,
                 "url": self.url, "engine_url": self.engine_url,
                 "chunk_size": info["chunk_size"], "locations": info["locations"],
-                "error_code": info["error_code"], "pid": os.getpid()}
+                "error_code": info["error_code"], "pid": os.getpid(), "lease": self.lease}
         path = "/workers/heartbeat" if self.registered_with else "/workers/register"
         # the controller we are registered with first, then the others sharing its state
         order = sorted(self.controllers, key=lambda u: u != self.registered_with)
@@ -299,10 +305,21 @@ class Heartbeat:
             except httpx.HTTPError as exc:
                 errors.append(f"{base}: {type(exc).__name__}")
                 continue
+            if r.status_code == 409:
+                # the instance id is another live worker's: say so once, keep trying (it is
+                # ours once that one is dead or deregistered)
+                detail = r.text[:300]
+                if self._refused != detail:
+                    log.warning("the controller at %s refuses this worker: %s", base, detail)
+                    self._refused = detail
+                self.registered_with = None
+                return
             if r.status_code != 200:
                 errors.append(f"{base}: HTTP {r.status_code} {r.text[:200]}")
                 continue
             reply = r.json()
+            self._refused = None
+            self.lease = reply.get("lease") or self.lease
             self.interval_s = float(reply.get("heartbeat_interval_s", self.interval_s))
             if self.registered_with != base:
                 log.info("instance %s registered with the controller at %s",
@@ -336,16 +353,20 @@ async def _freeze_heap(apps: list[FastAPI]) -> None:
 
 def serve_apps(plan: list[tuple[str, FastAPI, socket.socket]], access_log: bool,
                background: Callable[[], Awaitable[None]] | None = None,
-               on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+               on_stop: Callable[[], Awaitable[None]] | None = None,
+               header_timeout_s: float = 10.0) -> None:
     """Run uvicorn servers (and a background coroutine) in one loop until SIGINT/SIGTERM;
     then ``on_stop`` runs, once the background coroutine has been cancelled."""
     import uvicorn
 
+    from kvctl.server.http.protocol import guarded_protocol
+
+    protocol = guarded_protocol(header_timeout_s)
     servers = []
     for name, app, sock in plan:
         # uvicorn's own start/stop lines repeat once per server; ours name each URL once.
         config = uvicorn.Config(app, log_level="info" if access_log else "warning",
-                                access_log=access_log,
+                                access_log=access_log, http=protocol,
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         # One process-wide handler stops every server; uvicorn's own would stop only one.

@@ -3,13 +3,17 @@ built by LMCacheEngineBuilder from an upstream YAML config, whose LMCacheWorker 
 the controller the config names. No vLLM: a small CPU connector of ours copies SmolLM2's real
 KV ([L, 2, T, H, D]) into LMCache's KV_2LTD memory objects and back.
 
-    python -m tests.lmcache_instance CONFIG.yaml
+    python -m tests.lmcache_instance CONFIG.yaml [WORKER_ID WORLD_SIZE]
+
+(WORKER_ID of WORLD_SIZE: one tensor-parallel rank of the instance; its LMCacheWorker takes
+``lmcache_worker_ports[WORKER_ID]``.)
 
 Driven by JSON lines on stdin, one answer line on stdout each:
     {"op": "store", "tokens": [...]}      -> {"ok": true}
     {"op": "retrieve", "tokens": [...]}   -> {"ok": true, "retrieved": n, "max_abs_err": x}
     {"op": "lookup", "tokens": [...]}     -> {"ok": true, "hit": n}
     {"op": "warm", "tokens": [...]}       -> {"ok": true}   (KV computed, nothing stored)
+    {"op": "formats"}                     -> {"ok": true, "formats": [...], "bytes": n}
 The first line it prints is {"ready": true} once the engine is built.
 """
 
@@ -64,6 +68,7 @@ class CpuKVConnector:
 
 def main() -> None:
     config_path = sys.argv[1]
+    worker_id, world_size = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
@@ -82,8 +87,9 @@ def main() -> None:
 
     config = LMCacheEngineConfig.from_file(config_path)
     L, H, D = lm.num_layers, lm.num_kv_heads, lm.head_dim
-    metadata = LMCacheMetadata(model_name=model_dir, world_size=1, local_world_size=1,
-                               worker_id=0, local_worker_id=0, kv_dtype=torch.float16,
+    metadata = LMCacheMetadata(model_name=model_dir, world_size=world_size,
+                               local_world_size=world_size, worker_id=worker_id,
+                               local_worker_id=worker_id, kv_dtype=torch.float16,
                                kv_shape=(L, 2, config.chunk_size, H, D))
     connector = Connector(L, H, D)
     engine = LMCacheEngineBuilder.get_or_create(
@@ -118,6 +124,12 @@ def main() -> None:
             elif req["op"] == "warm":   # compute the KV now, so a later store is quick
                 kv_of(tokens)
                 out = {"ok": True}
+            elif req["op"] == "formats":  # the memory format of each object LocalCPU holds
+                cpu = engine.storage_manager.local_cpu_backend
+                with cpu.cpu_lock:
+                    objs = list(cpu.hot_cache.values())
+                out = {"ok": True, "formats": sorted(o.get_memory_format().name for o in objs),
+                       "bytes": sum(o.get_size() for o in objs)}
             elif req["op"] == "lookup":
                 out = {"ok": True, "hit": int(engine.lookup(tokens))}
             else:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.cluster_procs import Proc, _spawn, wait_for
+from tests.cluster_procs import Proc, spawn, wait_for
 from tests.conftest import free_port
 
 # the defaults (2 s / 10 s) meet the 15 s bound too; short ones keep the tests short
@@ -27,24 +27,28 @@ class LMCacheInstance:
     """`python -m tests.lmcache_instance CONFIG` and its stdin/stdout command channel."""
 
     def __init__(self, tmp: Path, instance_id: str, pull: int, reply: int,
-                 cpu_gb: float = 1.0, heartbeat_s: int = 1) -> None:
+                 cpu_gb: float = 1.0, heartbeat_s: int = 1, rank: tuple[int, int] = (0, 1),
+                 worker_ports: list[int] | None = None) -> None:
         self.instance_id = instance_id
-        self.worker_port = free_port()
-        self.config = tmp / f"{instance_id}.lmcache.yaml"
+        ports = worker_ports or [free_port() for _ in range(rank[1])]
+        self.worker_port = ports[rank[0]]
+        name = f"{instance_id}-{rank[0]}" if rank[1] > 1 else instance_id
+        self.config = tmp / f"{name}.lmcache.yaml"
         # what LMCache 0.5.6 accepts (it rejects controller_url / lmcache_worker_port)
         self.config.write_text(yaml.safe_dump({
             "chunk_size": 256, "local_cpu": True, "max_local_cpu_size": cpu_gb,
             "enable_controller": True, "lmcache_instance_id": instance_id,
             "controller_pull_url": f"127.0.0.1:{pull}",
             "controller_reply_url": f"127.0.0.1:{reply}",
-            "lmcache_worker_ports": [self.worker_port],
+            "lmcache_worker_ports": ports,
             "lmcache_worker_heartbeat_time": heartbeat_s,
             "lmcache_worker_heartbeat_delay_time": 1}))
-        self.log = tmp / f"{instance_id}.lmcache.log"
+        self.log = tmp / f"{name}.lmcache.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.lmcache_instance", str(self.config)],
+                [sys.executable, "-m", "tests.lmcache_instance", str(self.config),
+                 *map(str, rank)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                 env=env, cwd=Path(__file__).resolve().parents[1])
         self._lines: queue.Queue[str] = queue.Queue()
@@ -100,7 +104,7 @@ def start_lmcache_controller(tmp: Path, name: str, port: int, monitor: int,
             "--host", "127.0.0.1", "--port", str(port), "--monitor-port", str(monitor)]
     if zmq_ports is not None:
         args += ["--monitor-ports", json.dumps(zmq_ports)]
-    p = _spawn(name, args, tmp)
+    p = spawn(name, args, tmp)
     p.urls = {"api": f"http://127.0.0.1:{port}"}
     wait_for(lambda: _ok(p.urls["api"] + "/workers"), 60, f"{name} did not start", p)
     return p

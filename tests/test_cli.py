@@ -22,12 +22,13 @@ def ids_arg(ids: list[int]) -> str:
     return ",".join(map(str, ids))
 
 
-def store(server, ids: list[int], location: str | None = None) -> None:
+def store(server, ids: list[int]) -> None:
+    """Into every tier of the server's worker, as the engine stores a prompt's KV."""
     import torch
 
     gen = torch.Generator().manual_seed(len(ids))
     kv = torch.randn(2, 2, len(ids), 2, 16, generator=gen).to(torch.float16)
-    server.state.runtime.store_kv(ids, kv, location)
+    server.state.runtime.store_kv(ids, kv)
 
 
 def ended(server, event_id: str) -> dict:
@@ -117,7 +118,7 @@ def test_lookup_pin_move_clear(cli_server):
 
 def test_clear_asks_first_and_keeps_the_chunks_when_told_no(cli_server):
     ids = list(range(3000, 3300))
-    store(cli_server, ids, "LocalDiskBackend")
+    store(cli_server, ids)
     assert chunks_in(cli_server, "LocalDiskBackend") == 2
     for answer in ("n\n", "\n", ""):  # no, the default (no), and no answer at all
         r = run_cli("clear", "-l", "LocalDiskBackend", expected_exit_code=1, input=answer)

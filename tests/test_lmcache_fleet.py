@@ -148,9 +148,14 @@ def test_cli_compress_wait_and_decompress_wait_against_lmcache(fleet):
     r = run_cli(*api, "--json", "compress", PROSE, "--wait")
     ev = json.loads(r.stdout)
     assert (ev["status"], ev["num_tokens"], ev["op"]) == ("finished", fleet.full, "compress")
+    # the instance's own chunks are CacheGen bitstreams now, a fraction of fp16's bytes
+    held_now = fleet.inst.send("formats", [])
+    assert held_now["formats"] == ["BINARY_BUFFER"] * (fleet.full // 256)
+    assert held_now["bytes"] < fleet.full // 256 * 5_898_240 / 2
     r = run_cli(*api, "--json", "decompress", PROSE, "--wait")
     ev = json.loads(r.stdout)
     assert (ev["status"], ev["num_tokens"]) == ("finished", fleet.full)
+    assert fleet.inst.send("formats", [])["formats"] == ["KV_2LTD"] * (fleet.full // 256)
     assert fleet.inst.send("retrieve", fleet.a)["retrieved"] == fleet.full
     r = run_cli(*api, "--json", "health")
     assert json.loads(r.stdout)["error_codes"] == {"0": 0}
@@ -176,9 +181,11 @@ def test_pin_compress_decompress_each_event_tracked(fleet):
         "finished"
     # a compress shows as evict + admit of the same keys: the directory still holds them
     held(fleet, a, fleet.full)
-    # a second compress of compressed chunks: the worker's ErrorMsg is the event's error
-    again = wait_event(fleet.api, op(fleet.api, "/compress", a, method="cachegen")["event_id"])
-    assert again["status"] == "failed" and "refused" in again["error"]
+    # a second compress of compressed chunks fails in LMCache and leaves them pinned:
+    # kvctl refuses it before it reaches the worker
+    again = httpx.post(fleet.api + "/compress", json={"instance_id": INST, "method": "cachegen",
+                                                      "location": LOC, "tokens": a})
+    assert again.status_code == 409 and "decompress them first" in again.json()["detail"]
     ev = op(fleet.api, "/decompress", a, method="cachegen")
     assert wait_event(fleet.api, ev["event_id"])["status"] == "finished"
     assert fleet.inst.send("retrieve", a)["retrieved"] == fleet.full
@@ -268,6 +275,9 @@ def test_bad_frames_answered_dropped_and_counted(fleet):
         assert stats["bad_frames"]["undecodable push frame"] == 1
         assert stats["bad_frames"]["identity claimed from another address"] == 1
         assert stats["bad_frames"]["undecodable reply frame"] == 2
+        metrics = httpx.get(fleet.api + "/metrics").text
+        assert ('kvctl_lmcache_bad_frames_total{reason="identity claimed from another '
+                'address"} 1.0') in metrics
         push.send(wire.encode(wire.DeRegisterMsg(instance_id="flood", worker_id=0,
                                                  ip="127.0.0.1", port=fake.port)))
         wait_for(lambda: "flood" not in lm_workers(fleet.api), 20, "flood not deregistered")

@@ -202,3 +202,26 @@ async def test_query_worker_info_all_lists_kvctl_workers_too():
         assert (stats["total_instance_count"], stats["total_worker_count"]) == (1, 1)
         r = await api.post("/query_instance", json={"ip": "127.0.0.1"})
         assert r.json()["res"] == "lmcache_default_instance"
+
+
+def test_serve_refuses_bad_lmcache_flags_in_one_line(cli_env):
+    from tests.cliutil import run_cli
+
+    base = ("serve", "--no-worker", "--model", "none", "--port", "0", "--monitor-port", "0")
+    r = run_cli(*base, "--monitor-ports", "{pull: 1}", expected_exit_code=2)
+    assert "lmcache_monitor_ports" in r.stderr and '"pull": 8300' in r.stderr
+    r = run_cli(*base, "--monitor-ports", '{"push": 1}', expected_exit_code=2)
+    assert "'push'" in r.stderr and "pull, reply and heartbeat" in r.stderr
+    r = run_cli(*base, "--monitor-ports", '{"pull": 70000}', expected_exit_code=2)
+    assert "[0, 65535]" in r.stderr
+    r = run_cli(*base, "--monitor-ports", '{"pull": 0}', "--monitor-host", "0.0.0.0",
+                expected_exit_code=2)
+    assert "cannot authenticate" in r.stderr and "--insecure" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_monitor_ports_take_upstreams_defaults():
+    from kvctl.server.config import ServerSettings
+
+    s = ServerSettings(lmcache_monitor_ports='{"heartbeat": 8500}')
+    assert s.lmcache_monitor_ports == {"pull": 8300, "reply": 8400, "heartbeat": 8500}

@@ -155,27 +155,41 @@ def wait_for(st: State, client: ControllerClient, reply: dict[str, Any]) -> dict
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("chunks"), TimeElapsedColumn(), console=console,
                    transient=True, disable=not console.is_terminal)
+    last: dict[str, Any] = {}
+
+    def step() -> bool:
+        try:
+            ev = client.event(event_id)
+        except UntrackedEvents:
+            st.out.note(f"the controller at {client.base_url} does not track events "
+                        "(upstream LMCache's): it finished the operation before it "
+                        f"answered, so event {event_id} already ended")
+            last.update(event_id=event_id, status="finished",
+                        num_tokens=reply.get("num_tokens"), tracked=False)
+            return True
+        bar.update(task, total=ev.get("chunks_total") or None,
+                   completed=ev.get("chunks_done", 0),
+                   description=escape(f"{event_id} {ev.get('status')}"))
+        last.clear()
+        last.update(ev)
+        return ev.get("status") in ENDED
+
+    with bar:
+        task = bar.add_task(escape(f"{event_id} queued"), total=None)
+        poll_until(step, f"stopped waiting; event {event_id} keeps running on the controller "
+                         f"(kvctl events watch {event_id})")
+    return last
+
+
+def poll_until(step: Callable[[], bool], interrupted: str) -> None:
+    """Call ``step`` every POLL_SECONDS until it returns True: how every command follows
+    events. Ctrl-C stops the following, never the jobs: ``interrupted`` says so (exit 130).
+    """
     try:
-        with bar:
-            task = bar.add_task(escape(f"{event_id} queued"), total=None)
-            while True:
-                try:
-                    ev = client.event(event_id)
-                except UntrackedEvents:
-                    st.out.note(f"the controller at {client.base_url} does not track events "
-                                "(upstream LMCache's): it finished the operation before it "
-                                f"answered, so event {event_id} already ended")
-                    return {"event_id": event_id, "status": "finished",
-                            "num_tokens": reply.get("num_tokens"), "tracked": False}
-                total = ev.get("chunks_total")
-                bar.update(task, total=total or None, completed=ev.get("chunks_done", 0),
-                           description=escape(f"{event_id} {ev.get('status')}"))
-                if ev.get("status") in ENDED:
-                    return ev
-                time.sleep(POLL_SECONDS)
+        while not step():
+            time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        raise KvctlError(f"stopped waiting; event {event_id} keeps running on the controller "
-                         f"(kvctl events watch {event_id})", EXIT_INTERRUPTED) from None
+        raise KvctlError(interrupted, EXIT_INTERRUPTED) from None
 
 
 def report_event(st: State, ev: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from kvctl.common.defaults import DEFAULT_MODEL, debug
 from kvctl.errors import EXIT_USAGE, KvctlError, UsageError
 from kvctl.output import Output
 from kvctl.state import state
@@ -111,7 +111,7 @@ def bench(
             if kv is not None:
                 work = b.kv_file_workload(kv, chunk_size)
             else:
-                name = (model or ["smollm2"])[0]
+                name = (model or [DEFAULT_MODEL])[0]
                 say(f"{name}: loading, then reading the text (exact KV and reference logits)")
                 work = b.text_workload(text, prefix, continuation, chunk_size, model=name)
             say(f"{len(methods)} codecs, {repeats} timed run(s) each")
@@ -121,7 +121,7 @@ def bench(
             if markdown is not None:
                 _write(markdown, b.markdown(report, cmd))
     except (b.BenchError, ModelNotFoundError, CodecError, OSError) as exc:
-        if os.environ.get("KVCTL_DEBUG") == "1":
+        if debug():
             raise
         _fail(str(exc), 1)
     import json

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvctl.common.defaults import DEFAULT_MODEL
+
 if TYPE_CHECKING:
     import torch
 
@@ -120,7 +122,7 @@ def split_chunks(kv: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
 
 def text_workload(text_path: Path | None, prefix: int = 512, continuation: int = 256,
                   chunk_size: int = 256, lm: LoadedModel | None = None,
-                  tokenizer: Any = None, model: str = "smollm2") -> Workload:
+                  tokenizer: Any = None, model: str = DEFAULT_MODEL) -> Workload:
     """Tokenize a text, build the exact fp16 prefix KV and the reference logits.
 
     ``model`` names the model loaded when ``lm``/``tokenizer`` are not given.

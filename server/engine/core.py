@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvctl.common.calibration import profile_for
+from kvctl.common.defaults import DEFAULT_MODEL
 from kvctl.common.model import LoadedModel, load_model, load_tokenizer_for
 from kvctl.server.http.app import describe_validation
 from kvctl.server.http.limits import install_guards
@@ -254,7 +255,7 @@ def _sample(logits: Any, temperature: float, top_p: float, gen: Any) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def create_engine_app(runtime: WorkerRuntime, model_spec: str = "smollm2",
+def create_engine_app(runtime: WorkerRuntime, model_spec: str = DEFAULT_MODEL,
                       engine: Engine | None = None) -> FastAPI:
     """The OpenAI-compatible engine. Loads the model in the background unless given one."""
     state: dict[str, Any] = {"engine": engine, "error": None}

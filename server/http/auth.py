@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 
+from kvctl.common.defaults import AUTH_TOKEN_ENV, env
 from kvctl.server import redact
 from kvctl.server.http.limits import ASGIApp, Receive, Scope, Send, _answer, _header
 
-ENV = "KVCTL_AUTH_TOKEN"
+ENV = AUTH_TOKEN_ENV
 MIN_TOKEN_CHARS = 16
 LOOPBACK_HOSTS = frozenset({"localhost", "localhost.localdomain"})
 
@@ -53,7 +53,7 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
 
 def client_headers(token: str | None = None) -> dict[str, str]:
     """The header a kvctl client sends: ``token`` or ``$KVCTL_AUTH_TOKEN``, if either."""
-    token = token or os.environ.get(ENV)
+    token = token or env(ENV)
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

@@ -30,6 +30,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from kvctl.server.config import ServerSettings
 from kvctl.server.controller.state import ControlState, EventRow
 from kvctl.server.errors import (
     BadRequest,
+    Conflict,
     DomainError,
     StateUnavailable,
     UnknownInstance,
@@ -65,6 +67,9 @@ SYNC_RETRY_S = 30.0
 MAX_SYNC_BATCHES = 100_000
 JOB_OPS = ("compress", "decompress", "pin", "clear", "move")
 REFRESH_S = 0.5
+# a worker heard from this recently before the controller started gets dead_after_s after the
+# start to be heard again: a restart's own downtime does not make every worker dead
+RESTART_GRACE_S = 300.0
 
 
 @dataclass
@@ -271,13 +276,21 @@ class LMCacheFleet:
         self.bad = BadFrames()
         self.sockets: ControllerSockets | None = None
         self.jobs: set[str] = set()
+        # chunks this controller compressed (in memory only): LMCache 0.5.6 fails a second
+        # compress of them and leaves them pinned, so kvctl refuses it first. A compress or
+        # decompress shows as evict + admit of its keys; ``expected`` counts the admits a job
+        # of ours will cause, any other admit of a marked key is a fresh (fp16) store.
+        self.compressed: dict[tuple[str, int, str], set[int]] = {}
+        self.expected: dict[tuple[str, int], Counter[int]] = {}
         self.full_syncs_requested = 0
         self._writes: asyncio.Queue[Awaitable[Any]] = asyncio.Queue(maxsize=10_000)
         self._writer: asyncio.Task[None] | None = None
         self._refreshed = -REFRESH_S
+        self.started_at = time.time()
 
     # ---- life cycle -------------------------------------------------------------------
     async def start(self) -> None:
+        self.started_at = time.time()
         if self.store.persistent:
             for w in await self.store.workers():
                 self.workers[(w.instance_id, w.worker_id)] = w
@@ -386,6 +399,16 @@ class LMCacheFleet:
         if res.gap:
             log.warning("LMCache %s/%s: seq_num gap, operations were lost; asking for a full "
                         "sync", *k)
+        marked = self.compressed.get((k[0], k[1], location))
+        if marked:
+            expected = self.expected.get(k, Counter())
+            for op, key in res.applied:
+                if op != "admit" or key not in marked:
+                    continue
+                if expected[key] > 0:
+                    expected[key] -= 1
+                else:
+                    marked.discard(key)
         if res.applied:
             last = self.directory.get(*k).last_seq
             self._persist(self.store.apply(k[0], k[1], location, res.applied, last))
@@ -465,6 +488,7 @@ class LMCacheFleet:
         if registering or moved:
             # a new worker process: its cache starts empty, its stream at seq 0
             self.directory.reset(*k)
+            self._unmark(k)
             self._persist(self.store.reset(*k))
             t = self.transports.pop(k, None)
             if t is not None:
@@ -499,7 +523,13 @@ class LMCacheFleet:
             host = _route_to(msg.ip)
         return f"{host}:{self.sockets.ports['heartbeat']}"
 
+    def _unmark(self, k: tuple[str, int]) -> None:
+        for key in [m for m in self.compressed if m[:2] == k]:
+            del self.compressed[key]
+        self.expected.pop(k, None)
+
     def _forget(self, k: tuple[str, int], why: str) -> None:
+        self._unmark(k)
         self.workers.pop(k, None)
         self.local.discard(k)
         self.directory.drop(*k)
@@ -525,7 +555,12 @@ class LMCacheFleet:
                 self.workers[k] = w
 
     def _alive(self, w: LMWorker, now: float) -> bool:
-        if w.alive(self.settings.dead_after_s, now):
+        dead_after = self.settings.dead_after_s
+        if w.alive(dead_after, now):
+            return True
+        if ((w.instance_id, w.worker_id) not in self.local
+                and now - self.started_at <= dead_after
+                and self.started_at - w.last_heartbeat <= RESTART_GRACE_S):
             return True
         # a worker runs a command on its only thread: no heartbeat while it compresses
         t = self.transports.get((w.instance_id, w.worker_id))
@@ -649,6 +684,17 @@ class LMCacheFleet:
         location = body.get("location")
         tokens = list(body.get("tokens") or [])
         hashes = self._hashes(tokens)
+        if op == "compress":
+            for w in ws:
+                marked = self.compressed.get((w.instance_id, w.worker_id, str(location)), set())
+                held = self._keys(w, location)
+                again = [h for _, h in hashes if h in marked and h in held]
+                if again:
+                    raise Conflict(
+                        f"{len(again)} chunk(s) of these tokens on instance {instance_id!r} "
+                        f"({location}) are already compressed with cachegen; LMCache 0.5.6 "
+                        "fails a second compress and leaves the chunks pinned: decompress "
+                        "them first")
         if op == "clear":
             est = min([self._held(w, location) for w in ws] or [0]) * self.settings.chunk_size
         else:
@@ -665,6 +711,12 @@ class LMCacheFleet:
         task.add_done_callback(lambda _: self.jobs.discard(ev.event_id))
         return ev
 
+    def _keys(self, w: LMWorker, location: Any) -> set[int]:
+        k = (w.instance_id, w.worker_id)
+        if not self.directory.has(*k):
+            return set()
+        return self.directory.get(*k).locations.get(str(location), set())
+
     def _held(self, w: LMWorker, location: Any) -> int:
         k = (w.instance_id, w.worker_id)
         if not self.directory.has(*k):
@@ -680,6 +732,13 @@ class LMCacheFleet:
                 ev.status, ev.started_at = RUNNING, time.time()
                 self._spawn(self._save(row))
 
+        if op in ("compress", "decompress"):
+            # the admits this job will cause (one per chunk it rewrites), on each worker
+            for t in transports:
+                exp = self.expected.setdefault((t.instance_id, t.worker_id), Counter())
+                exp.clear()   # what an earlier job did not cause, it never will
+                for _, h in self._hashes(bodies[0].get("tokens") or []):
+                    exp[h] += 1
         ticker = self._spawn(self._touch(row))
         try:
             results = await asyncio.gather(
@@ -712,11 +771,31 @@ class LMCacheFleet:
             else:
                 ev.status = FINISHED
                 ev.num_tokens = nums[0] if nums else 0
+                self._mark(op, ev, bodies[0], transports)
                 ev.chunks_total = -(-ev.num_tokens // self.settings.chunk_size)
                 ev.chunks_done = ev.chunks_total
         ev.finished_at = time.time()
         with contextlib.suppress(StateUnavailable):
             await self._save(row)
+
+    def _mark(self, op: str, ev: Event, body: dict[str, Any],
+              transports: list[ZmqWorkerTransport]) -> None:
+        """After a finished job: which chunks are compressed now."""
+        loc = str(ev.location)
+        for t in transports:
+            key = (t.instance_id, t.worker_id, loc)
+            if op == "clear":
+                # pinned chunks survive a clear; the rest are gone
+                held = self._keys(self.workers[(t.instance_id, t.worker_id)], loc) \
+                    if (t.instance_id, t.worker_id) in self.workers else set()
+                self.compressed[key] = self.compressed.get(key, set()) & held
+                continue
+            if op not in ("compress", "decompress"):
+                continue
+            done = [h for end, h in self._hashes(body.get("tokens") or [])
+                    if end <= ev.num_tokens]
+            marked = self.compressed.setdefault(key, set())
+            (marked.update if op == "compress" else marked.difference_update)(done)
 
     async def _save(self, row: EventRow) -> None:
         row.touched_at = time.time()

@@ -14,6 +14,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,9 @@ log = logging.getLogger("kvctl.server")
 
 SUFFIX = ".kvc"
 PINS = "pins.json"
+# What may name a chunk file: the project's keys are 32 hex digits (kvctl.server.chunks);
+# whatever else arrives here is at least a plain file name that cannot leave the directory.
+_SAFE_KEY = re.compile(r"[0-9A-Za-z_]{1,128}")
 # corrupt chunk files are moved here for a post-mortem; the oldest go past this many
 QUARANTINE = "quarantine"
 QUARANTINE_KEEP = 16
@@ -85,7 +89,14 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         self._load()
 
     def _path(self, key: str, num_tokens: int) -> Path:
-        return self.root / f"{key}-{num_tokens}{SUFFIX}"
+        """The file of a chunk, built only from a safe key and checked to stay in root."""
+        if not isinstance(key, str) or not _SAFE_KEY.fullmatch(key):
+            raise StorageError(f"{self.name}: {str(key)[:80]!r} cannot name a chunk file "
+                               "(keys are letters, digits and _); nothing written")
+        path = self.root / f"{key}-{int(num_tokens)}{SUFFIX}"
+        if os.path.dirname(os.path.normpath(path)) != os.path.normpath(self.root):
+            raise StorageError(f"{self.name}: chunk {key!r} would leave {self.root}")
+        return path
 
     # ---- start-up -------------------------------------------------------------------
     def _load(self) -> None:
@@ -97,7 +108,7 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         found = []
         for p in self.root.glob(f"*{SUFFIX}"):
             key, _, ntok = p.stem.rpartition("-")
-            if not key or not ntok.isdigit():
+            if not key or not ntok.isdigit() or not _SAFE_KEY.fullmatch(key):
                 continue
             label = _file_label(p)
             if label is None:

@@ -17,8 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvctl.codecs import CodecError, decode_blob
-from kvctl.server.chunks import ChunkRef
+from kvctl.codecs import CodecError, decode_blob, peek_blob
+from kvctl.server.chunks import (
+    DEFAULT_MAX_CHUNK_ELEMENTS,
+    ChunkRef,
+    ChunkShapeError,
+    check_chunk_shape,
+)
 from kvctl.server.storage.base import StorageBackend, StorageError, StorageFullError
 
 if TYPE_CHECKING:
@@ -67,7 +72,8 @@ class TieredStore:
     """The configured tiers, fastest first, as the engine sees them."""
 
     def __init__(self, backends: dict[str, StorageBackend], raw_codec: Any, remote_codec: Any,
-                 save_unfull_chunk: bool, chunk_size: int, device: str = "cpu") -> None:
+                 save_unfull_chunk: bool, chunk_size: int, device: str = "cpu",
+                 max_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
         self.tiers = [(n, backends[n]) for n in TIER_ORDER if n in backends]
         self.tiers += [(n, b) for n, b in backends.items() if n not in TIER_ORDER]
         self.raw = raw_codec
@@ -75,6 +81,7 @@ class TieredStore:
         self.save_unfull_chunk = save_unfull_chunk
         self.chunk_size = chunk_size
         self.device = device
+        self.max_elements = max_elements
         self.counters = TierCounters()
         self._down_until: dict[str, float] = {}
 
@@ -116,8 +123,9 @@ class TieredStore:
             if blob is None:
                 continue
             try:
+                check_chunk_shape(peek_blob(blob), self.chunk_size, self.max_elements)
                 return tier, blob, decode_blob(blob, device=self.device)
-            except CodecError as exc:
+            except (CodecError, ChunkShapeError) as exc:
                 self.corrupt(tier, key, exc)
         return None
 
@@ -226,8 +234,11 @@ class TieredStore:
             tier, part = holder[i], None
             if blob is not None:  # None: it left its tier between the check and the read
                 try:
+                    # a stored blob is input too (a file, Redis): its shape must fit first
+                    check_chunk_shape(peek_blob(blob), self.chunk_size, self.max_elements,
+                                      refs[i].num_tokens)
                     part = decode_blob(blob, device=self.device)
-                except CodecError as exc:
+                except (CodecError, ChunkShapeError) as exc:
                     self.corrupt(tier, refs[i].key, exc)
             if part is None:
                 # the next tier that holds a good copy serves it instead

@@ -140,8 +140,3 @@ class RuntimeCollector(Collector):
             n.add_metric(list(key), rt.codec_times.chunks.get(key, 0))
         yield from (secs, n)
 
-
-def render_metrics(runtime: WorkerRuntime) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RuntimeCollector(runtime))
-    return generate_latest(registry)

@@ -90,6 +90,7 @@ async def metrics(request: Request) -> Response:
 
     ctl = controller(request)
     views = await ctl.workers()
+    stats = ctl.lmcache.stats() if ctl.lmcache is not None else None
     body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views,
-                                   getattr(request.app.state, "request_metrics", None))
+                                   getattr(request.app.state, "request_metrics", None), stats)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
