@@ -106,7 +106,8 @@ class HttpPool:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
-            if now - conn.idle_since < IDLE_LIMIT_S and not conn.reader.at_eof():
+            if (now - conn.idle_since < IDLE_LIMIT_S and not conn.reader.at_eof()
+                    and not conn.writer.is_closing()):
                 return conn
             conn.close()
         return None
@@ -126,7 +127,13 @@ class HttpPool:
         return _Conn(reader, writer)
 
     async def _exchange(self, conn: _Conn, data: bytes) -> Reply:
-        conn.writer.write(data)
+        if conn.writer.is_closing():
+            raise ConnectionResetError("the connection was closed while idle")
+        try:
+            conn.writer.write(data)
+        except RuntimeError as exc:
+            # uvloop's answer to a write on a transport the peer's reset has just closed
+            raise ConnectionResetError(str(exc)) from exc
         await conn.writer.drain()
         raw = await conn.reader.readuntil(b"\r\n\r\n")
         lines = raw.decode("latin-1").split("\r\n")
