@@ -10,6 +10,7 @@ end-to-end tests and the benchmarks (benchmarks/harness.py) share.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,8 +25,34 @@ import httpx
 import yaml
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port that is free now and outside the kernel's ephemeral range.
+
+    Port 0 would hand out an ephemeral port, and the same range serves the local ends of
+    every outgoing connection (to Redis, between the servers): a server restarted on "its"
+    port after a kill -9 could find a client socket sitting there. Below the range only a
+    listener can take it.
+    """
+    lo, _ = _ephemeral_range()
+    first, last = (10000, lo - 1) if lo > 11000 else (lo // 2, lo - 1)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(first, last)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
