@@ -307,6 +307,9 @@ def test_prometheus_evaluates_every_expression_on_real_scrapes(cluster: dict[str
             if proc.poll() is not None:
                 raise AssertionError(f"prometheus exited:\n{log.read_text()[-2000:]}")
             try:
+                # Until its TSDB is open Prometheus answers 503 "Service Unavailable" as text.
+                if httpx.get(prom + "/-/ready", timeout=10).status_code != 200:
+                    return False
                 r = query(prom, "min(count_over_time(up[1m])) >= 3 and min(up) == 1")
             except httpx.HTTPError:
                 return False
