@@ -284,6 +284,10 @@ async def test_bad_batches_are_4xx_with_detail_and_disturb_nothing(settings):
             json.dumps({"batches": [batch(2, entries=[entry(f"{i:08x}")
                                                       for i in range(10_000)])]}),
             json.dumps({"batches": [batch(2, entries=[entry("bb", model="a@b")])]}),
+            # token ids: negative, float, out of uint32, nested, a string, too many
+            *(json.dumps({"batches": [batch(2, entries=[
+                entry("aa"), {**entry("bb"), "token_ids": ids}])]})
+              for ids in ([1, -1], [1, 2.5], [2**32], [[1]], "123", [1] * 4097)),
         ]
         details = []
         for body in bad:
@@ -296,6 +300,9 @@ async def test_bad_batches_are_4xx_with_detail_and_disturb_nothing(settings):
         assert "concrete tier" in details[2] and "carry no entries" in details[3]
         assert "`$.batches[0].seq`" in details[4]
         assert "`$.batches[0].entries[0].key.model_name`" in details[8]
+        assert all("`$.batches[0].entries[1]`" in d and "token_ids" in d for d in details[9:])
+        assert ">= 0" in details[9] and "float" in details[10] and "<= 4294967295" in details[11]
+        assert "length <= 4096" in details[14]
         assert (await c.get("/directory/stats")).json() == before
         # the stream goes on at seq 2: nothing of the refused requests was counted
         out = await events(c, batch(2, entries=[entry("bb")]))

@@ -95,13 +95,47 @@ def key_from_id(key_id: str) -> dict[str, object]:
 
 
 TokenIdM = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+_TOKEN_LIST = msgspec.json.Decoder(
+    Annotated[list[TokenIdM], msgspec.Meta(max_length=MAX_CHUNK_TOKENS)])
+_SPACE = b" \t\r\n"
+_SHAPE = bytes.maketrans(b"0123456789", b"d" * 10)
+_TEN_DIGITS = b"d" * 10  # the shortest number that can exceed MAX_TOKEN_ID (2**32 - 1)
+
+
+def token_ids_json(raw: bytes) -> bytes:
+    """A store entry's ``token_ids`` (raw JSON) checked and made compact, without turning
+    them into Python ints: b"" for none, else b"[1,2,...]".
+
+    Ingest keeps the ids only to hand them back on a lookup, and making 256 Python ints
+    per entry was most of what a store entry cost (benchmarks/coordinator_ingest.md). The
+    decoder has already checked the JSON syntax: a value made only of digits, commas and
+    one pair of brackets is a flat list of non-negative integers; only one with a number of
+    ten digits or more (never a real vocabulary) is parsed to check its range.
+    """
+    shape = raw.translate(_SHAPE, _SPACE)  # one pass: digits become "d", spaces go
+    if shape == b"[]":
+        return b""
+    # more ids than the bound needs at least this many bytes ("d," per id)
+    too_many = len(shape) > 2 * MAX_CHUNK_TOKENS + 1 and shape.count(b",") >= MAX_CHUNK_TOKENS
+    if shape.translate(None, b"d,") != b"[]" or _TEN_DIGITS in shape or too_many:
+        try:
+            _TOKEN_LIST.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ValueError(f"token_ids: {exc}") from None
+    return raw if len(shape) == len(raw) else raw.translate(None, _SPACE)
 
 
 class EventEntry(msgspec.Struct, frozen=True):
     key: EncodedKey
     size_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 0
-    token_ids: Annotated[list[TokenIdM], msgspec.Meta(max_length=MAX_CHUNK_TOKENS)] = []
+    # Raw JSON, checked by token_ids_json (at most MAX_CHUNK_TOKENS ids in [0, 2**32))
+    token_ids: msgspec.Raw = msgspec.Raw(b"[]")
     token_offset: Annotated[int, msgspec.Meta(ge=-1)] = -1
+
+    def __post_init__(self) -> None:
+        # frozen: the checked, compact form replaces the raw one in place
+        msgspec.structs.force_setattr(self, "token_ids",
+                                      msgspec.Raw(token_ids_json(bytes(self.token_ids))))
 
 
 class EventBatch(msgspec.Struct, frozen=True):

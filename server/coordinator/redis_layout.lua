@@ -9,7 +9,7 @@
 -- P..'nkeys'            number of directory keys (bounded by max_keys)
 -- P..'keys'             zset of key ids, scored by first store (listing order)
 -- P..'p:'..K            hash placement "owner|tier|backend" -> "instance|incarnation|size|shared"
--- P..'m:'..K            hash {t = the chunk's token ids (uint32), a = access count}
+-- P..'m:'..K            hash {t = the chunk's token ids (compact JSON), a = access count}
 -- P..'l1s', P..'l1:'..I which keys instance I holds in L1 (fencing, stats)
 -- P..'tier'             hash {l1_count, l1_size, l2_count, l2_size}
 -- P..'users'            set of usage owners; P..'use:'..O hash "tier|backend|shared" -> bytes

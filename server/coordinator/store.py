@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from array import array
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,16 +77,13 @@ class Cursor:
     dropped_entries: int = 0
 
 
-def pack_tokens(ids: list[int]) -> bytes:
-    return array("I", ids).tobytes()
-
-
 def unpack_tokens(raw: bytes | None) -> list[int]:
-    if not raw:
-        return []
-    a = array("I")
-    a.frombytes(raw)
-    return a.tolist()
+    """The token ids a store entry carried, kept as their compact JSON (models.token_ids_json)."""
+    return json.loads(raw) if raw else []
+
+
+def count_tokens(raw: bytes | None) -> int:
+    return raw.count(b",") + 1 if raw else 0
 
 
 def placement_wire(value: tuple[str, int, int, bool], tier: str, backend: str
@@ -312,8 +308,8 @@ class MemoryStore(CoordinatorStore):
                     stat[0] += 1
                 stat[1] += delta
                 used[module] = used.get(module, 0) + delta
-                if e.token_ids and self.keep_token_ids:
-                    rec.tokens = pack_tokens(e.token_ids)
+                if self.keep_token_ids and (ids := bytes(e.token_ids)):
+                    rec.tokens = ids
                 if l1 is not None:
                     l1.add(kid)
         elif kind == EventType.delete:
@@ -387,7 +383,7 @@ class MemoryStore(CoordinatorStore):
             if not hits:
                 continue
             if offset <= total < offset + limit:
-                page.append((kid, _placements(hits), len(rec.tokens) // 4, rec.access))
+                page.append((kid, _placements(hits), count_tokens(rec.tokens), rec.access))
             total += 1
         return total, page
 
@@ -549,7 +545,7 @@ class RedisStore(CoordinatorStore):
             if b.event_type == EventType.store:
                 for e in b.entries:
                     args += (e.key.key_id(), e.size_bytes,
-                             pack_tokens(e.token_ids) if keep and e.token_ids else b"")
+                             bytes(e.token_ids) if keep else b"")
             else:
                 for e in b.entries:
                     args.append(e.key.key_id())
@@ -660,7 +656,7 @@ class RedisStore(CoordinatorStore):
                     pipe.hmget(f"{self.p}m:{kid}", "t", "a")
                 metas = await self._do(pipe.execute())
                 for (kid, pls), (tokens, access) in zip(wanted, metas, strict=True):
-                    page.append((kid, pls, len(tokens or b"") // 4, int(access or 0)))
+                    page.append((kid, pls, count_tokens(tokens), int(access or 0)))
         return total, page
 
     async def stats(self) -> dict[str, Any]:
