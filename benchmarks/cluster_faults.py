@@ -115,6 +115,7 @@ class Stats:
     statuses: Counter = field(default_factory=Counter)
     lookups: list[tuple[float, float, list[str]]] = field(default_factory=list)
     dead_seen: list[tuple[float, str]] = field(default_factory=list)
+    unavailable: list[tuple[float, float]] = field(default_factory=list)  # 503s: when, how long
     server_errors: list[str] = field(default_factory=list)
 
 
@@ -154,6 +155,8 @@ def client(i: int, apis: list[str], prompts: dict[str, list[list[int]]], stop: t
                 continue
             with st.lock:
                 st.statuses[r.status_code] += 1
+                if r.status_code == 503:
+                    st.unavailable.append((time.time(), time.monotonic() - t0))
                 if r.status_code >= 500 and r.status_code != 503:
                     st.server_errors.append(f"{r.request.url.path}: {r.text[:200]}")
                 if r.status_code == 200 and "event_id" in r.json() and "num_tokens" in r.json():
@@ -293,6 +296,7 @@ def main() -> None:
     phase = args.phase_s
     timeline: list[str] = []
     hang_window: tuple[float, float] = (0.0, 0.0)
+    frozen_state: tuple[float, float] = (0.0, 0.0)
 
     def note(text: str) -> None:
         timeline.append(f"{time.time() - started:6.1f} s  {text}")
@@ -311,6 +315,8 @@ def main() -> None:
                 p.signal(signal.SIGCONT)
                 if p.name == "w1":
                     hang_window = (t0, time.time())
+                elif p.name == "state-redis":
+                    frozen_state = (t0, time.time())
             else:
                 p.signal(signal.SIGKILL)
                 time.sleep(1.0)
@@ -359,6 +365,7 @@ def main() -> None:
                 if not faults.excused(iid, t, grace=DEAD_AFTER_S + HEARTBEAT_S)]
     excused_dead = len(st.dead_seen) - len(spurious)
     hung = [(lat, late) for t, lat, late in st.lookups if hang_window[0] <= t <= hang_window[1]]
+    frozen = [lat for t, lat in st.unavailable if frozen_state[0] <= t <= frozen_state[1]]
     calm = [lat for t, lat, _ in st.lookups if not any(a <= t <= b + 2 for _, a, b in
                                                       faults.spans)]
     mem = decode_memory()
@@ -395,6 +402,9 @@ def main() -> None:
         f"| ... of them naming w1 `late` | {sum(1 for _, late in hung if 'w1' in late)} | |",
         f"| /lookup outside faults: n, p50, p99 (ms) | {len(calm)}, {_ms(calm, 0.5)}, "
         f"{_ms(calm, 0.99)} | |",
+        f"| 503 while the state Redis is frozen: n, p50, p99, max (ms) | {len(frozen)}, "
+        f"{_ms(frozen, 0.5)}, {_ms(frozen, 0.99)}, {_ms(frozen, 1.0)} | as fast as a dead"
+        " Redis |",
         f"| 5xx other than 503 | {len(st.server_errors)} | 0 |",
         "",
         "Replies by status: " + ", ".join(f"{k}: {v}" for k, v in
