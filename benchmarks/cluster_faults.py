@@ -407,6 +407,12 @@ def main() -> None:
         " Redis |",
         f"| 5xx other than 503 | {len(st.server_errors)} | 0 |",
         "",
+        "A frozen Redis, unlike a dead one, cannot refuse a connection: the requests already"
+        " waiting on it when it froze wait out the state store's socket timeout (1 s; two"
+        " calls in a row 2 s), then the state is marked down and every later request gets"
+        " its 503 at once until a ping answers. Those first waits are the p99 and max above;"
+        " the median is the 503 at once.",
+        "",
         "Replies by status: " + ", ".join(f"{k}: {v}" for k, v in
                                           sorted(st.statuses.items(), key=str)) + ".",
         "",
