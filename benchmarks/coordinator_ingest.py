@@ -474,7 +474,7 @@ def main() -> None:
         if "ingest" not in skip:
             res["ingest"] = []
             for state in (None, redis_url):
-                for entries, tokens in ((100, True), (500, False)):
+                for entries, tokens in ((100, True), (500, True), (500, False)):
                     r = run_ingest(tmp, state, nb, entries, tokens, redis_proc.pid)
                     print(json.dumps(r), flush=True)
                     res["ingest"].append(r)
