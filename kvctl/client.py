@@ -22,7 +22,8 @@ from kvctl.common.events import ENDED
 from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
 from kvctl.settings import Settings
 
-__all__ = ["ENDED", "ControllerClient", "ControllerError", "NoWorkerList", "UntrackedEvents"]
+__all__ = ["ENDED", "ControllerClient", "ControllerError", "NoWorkerList", "ServerError",
+           "UntrackedEvents", "send"]
 PROBE_PATH = "/openapi.json"
 PROBE_MAX_BYTES = 4 * 1024 * 1024  # an OpenAPI document is tens of KiB; never read more
 
@@ -32,26 +33,72 @@ def start_hint(url: str) -> str:
             "`make serve`), or pass --controller / set KVCTL_CONTROLLER")
 
 
-class ControllerError(KvctlError):
-    """The controller answered with an error status; ``detail`` is its own explanation."""
+class ServerError(KvctlError):
+    """A kvctl server answered with an error status; ``detail`` is its own explanation.
+
+    The one translation of error statuses into user messages, for the controller's client
+    and the coordinator's (kvctl.coordinator_client).
+    """
+
+    server = "server"  # what the message calls the other end
 
     def __init__(self, status: int, path: str, detail: str) -> None:
-        if status >= 500:
-            msg = f"the controller failed on {path} (HTTP {status}): {detail}"
-        elif status == 401:
-            msg = (f"{detail} (HTTP 401 from {path}); kvctl sends the token in "
-                   "KVCTL_AUTH_TOKEN, or the settings file's auth_token (kvctl config path)")
-        elif status == 429:
-            # busy, not wrong: the same command works again in a moment
-            msg = f"{detail} (HTTP 429 from {path}; nothing was queued)"
-        else:
-            msg = f"{detail} (HTTP {status} from {path})"
-        # 4xx: the controller refused the request as given (an unknown instance, method,
+        # 4xx: the server refused the request as given (an unknown instance, method,
         # location or event): nothing was done, the documented "rejected" code
-        super().__init__(msg, EXIT_REJECTED if 400 <= status < 500 else EXIT_FAILURE)
+        super().__init__(self.message(status, path, detail),
+                         EXIT_REJECTED if 400 <= status < 500 else EXIT_FAILURE)
         self.status = status
         self.path = path
         self.detail = detail
+
+    def message(self, status: int, path: str, detail: str) -> str:
+        if status >= 500:
+            return f"the {self.server} failed on {path} (HTTP {status}): {detail}"
+        if status == 401:
+            return (f"{detail} (HTTP 401 from {path}); kvctl sends the token in "
+                    "KVCTL_AUTH_TOKEN, or the settings file's auth_token (kvctl config path)")
+        return f"{detail} (HTTP {status} from {path})"
+
+
+class ControllerError(ServerError):
+    """The controller answered with an error status; ``detail`` is its own explanation."""
+
+    server = "controller"
+
+    def message(self, status: int, path: str, detail: str) -> str:
+        if status == 429:
+            # busy, not wrong: the same command works again in a moment
+            return f"{detail} (HTTP 429 from {path}; nothing was queued)"
+        return super().message(status, path, detail)
+
+
+def send(http: httpx.Client, method: str, path: str, body: dict[str, Any] | None,
+         params: dict[str, Any] | None, *, server: str, base_url: str, timeout: float,
+         unreachable: str, timeout_hint: str, retry_get: bool = False) -> httpx.Response:
+    """Send one request; a transport failure (refused, timed out, broken) is a KvctlError
+    naming the ``server`` at ``base_url``. ``unreachable``: what to say when nothing listens
+    there (how to start one)."""
+    try:
+        try:
+            return http.request(method, path, json=body, params=params)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A kept-alive connection that the server closed (uvicorn does after a 500)
+            # can fail on reuse; a GET is safe to send once more, on a fresh connection.
+            if not retry_get or method != "GET":
+                raise
+            return http.request(method, path, json=body, params=params)
+    except httpx.ConnectError:
+        raise KvctlError(unreachable) from None
+    except httpx.TimeoutException:
+        raise KvctlError(f"the {server} at {base_url} did not answer {path} within "
+                         f"{timeout:g} s ({timeout_hint})") from None
+    except httpx.HTTPError as exc:
+        raise KvctlError(f"request to {base_url}{path} failed: {exc}") from None
+
+
+def not_json(server: str, base_url: str, path: str, r: httpx.Response) -> KvctlError:
+    return KvctlError(f"the {server} at {base_url} answered {path} with something that is "
+                      f"not JSON: {r.text[:200]!r}")
 
 
 class NotAController(KvctlError):
@@ -157,22 +204,10 @@ class ControllerClient:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 params: dict[str, Any] | None = None) -> Any:
         """Send one request; return the decoded JSON body or raise a KvctlError."""
-        try:
-            try:
-                r = self.http.request(method, path, json=body, params=params)
-            except (httpx.ReadError, httpx.RemoteProtocolError):
-                # A kept-alive connection that the server closed (uvicorn does after a 500)
-                # can fail on reuse; a GET is safe to send once more, on a fresh connection.
-                if method != "GET":
-                    raise
-                r = self.http.request(method, path, json=body, params=params)
-        except httpx.ConnectError:
-            raise KvctlError(start_hint(self.base_url)) from None
-        except httpx.TimeoutException:
-            raise KvctlError(f"the controller at {self.base_url} did not answer {path} within "
-                             f"{self.timeout:g} s (raise --timeout or KVCTL_TIMEOUT)") from None
-        except httpx.HTTPError as exc:
-            raise KvctlError(f"request to {self.base_url}{path} failed: {exc}") from None
+        r = send(self.http, method, path, body, params, server="controller",
+                 base_url=self.base_url, timeout=self.timeout,
+                 unreachable=start_hint(self.base_url),
+                 timeout_hint="raise --timeout or KVCTL_TIMEOUT", retry_get=True)
         if r.status_code >= 400:
             exc = ControllerError(r.status_code, path, _detail(r))
             if _route_missing(exc):
@@ -182,8 +217,7 @@ class ControllerClient:
             return r.json()
         except ValueError:
             self._unless_controller(path)
-            raise KvctlError(f"the controller at {self.base_url} answered {path} with "
-                             f"something that is not JSON: {r.text[:200]!r}") from None
+            raise not_json("controller", self.base_url, path, r) from None
 
     def peer(self) -> Peer:
         """What answers at the base URL, probed once per client."""

@@ -1,6 +1,7 @@
 """HTTP client of an LMCache MP coordinator: kvctl's (`kvctl serve --coordinator-port`) or
 upstream's (`lmcache coordinator`). The sibling of `kvctl.client` for MP fleets: commands
-never build URLs here either, and every HTTP failure becomes a user message in this module.
+never build URLs here either, and HTTP failures become user messages as the controller's
+do (kvctl.client's ServerError and send: one translation for both).
 
 Which coordinator answers is probed once (``GET /openapi.json``: its title); what only
 kvctl's has (ingest state) is asked of kvctl's alone.
@@ -14,28 +15,18 @@ from typing import Any
 
 import httpx
 
-from kvctl.client import PROBE_MAX_BYTES, PROBE_PATH, _detail
+from kvctl.client import PROBE_MAX_BYTES, PROBE_PATH, ServerError, _detail, not_json, send
 from kvctl.common.defaults import AUTH_TOKEN_ENV, env
-from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
+from kvctl.errors import KvctlError
 
 KVCTL_TITLE = "kvctl coordinator"
 UPSTREAM_TITLE = "LMCache MP Coordinator"
 
 
-class CoordinatorError(KvctlError):
+class CoordinatorError(ServerError):
     """The coordinator answered an error status (4xx: refused as given, exit 2)."""
 
-    def __init__(self, status: int, path: str, detail: str) -> None:
-        if status >= 500:
-            msg = f"the coordinator failed on {path} (HTTP {status}): {detail}"
-        elif status == 401:
-            msg = (f"{detail} (HTTP 401 from {path}); kvctl sends the token in "
-                   "KVCTL_AUTH_TOKEN, or the settings file's auth_token (kvctl config path)")
-        else:
-            msg = f"{detail} (HTTP {status} from {path})"
-        super().__init__(msg, EXIT_REJECTED if 400 <= status < 500 else EXIT_FAILURE)
-        self.status = status
-        self.detail = detail
+    server = "coordinator"
 
 
 def _error_detail(r: httpx.Response) -> str:
@@ -72,17 +63,12 @@ class CoordinatorClient:
     # ---- transport ----------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 params: dict[str, Any] | None = None) -> Any:
-        try:
-            r = self.http.request(method, path, json=body, params=params)
-        except httpx.ConnectError:
-            raise KvctlError(f"cannot reach the coordinator at {self.base_url} — start one "
+        r = send(self.http, method, path, body, params, server="coordinator",
+                 base_url=self.base_url, timeout=self.timeout,
+                 unreachable=f"cannot reach the coordinator at {self.base_url} — start one "
                              "with `kvctl serve --coordinator-port PORT`, or pass "
-                             "--coordinator / set KVCTL_COORDINATOR") from None
-        except httpx.TimeoutException:
-            raise KvctlError(f"the coordinator at {self.base_url} did not answer {path} "
-                             f"within {self.timeout:g} s (raise --timeout)") from None
-        except httpx.HTTPError as exc:
-            raise KvctlError(f"request to {self.base_url}{path} failed: {exc}") from None
+                             "--coordinator / set KVCTL_COORDINATOR",
+                 timeout_hint="raise --timeout")
         if r.status_code >= 400:
             if r.status_code in (404, 405) and _error_detail(r) == "Not Found":
                 self.kind()  # names what answers instead, if it is no coordinator
@@ -92,8 +78,7 @@ class CoordinatorClient:
         try:
             return r.json()
         except ValueError:
-            raise KvctlError(f"the coordinator at {self.base_url} answered {path} with "
-                             f"something that is not JSON: {r.text[:200]!r}") from None
+            raise not_json("coordinator", self.base_url, path, r) from None
 
     def kind(self) -> str:
         """``kvctl`` or ``lmcache``; KvctlError when the URL is no MP coordinator."""

@@ -102,11 +102,20 @@ def spawn(name: str, args: list[str], tmp: Path, own_group: bool = False,
           env: dict[str, str] | None = None) -> Proc:
     """`kvctl ARGS` as a child process, its output in ``tmp/NAME.log``; ``env`` replaces the
     inherited environment (KVCTL_DEVICE=cpu and unbuffered output are added)."""
-    log = tmp / f"{name}.log"
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", KVCTL_DEVICE="cpu")
+    return start_logged(name, [sys.executable, "-m", "kvctl", *args], tmp / f"{name}.log", env,
+                        start_new_session=own_group)
+
+
+def start_logged(name: str, cmd: list[str], log: Path, env: dict[str, str],
+                 stdout: int | None = None, **popen: Any) -> Proc:
+    """``cmd`` as a child process, its stderr in ``log``, and its stdout too unless
+    ``stdout`` says otherwise (subprocess.PIPE: the caller reads it); ``popen``: more of
+    Popen's arguments."""
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "kvctl", *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=own_group)
+        proc = subprocess.Popen(cmd, stdout=f if stdout is None else stdout,
+                                stderr=subprocess.STDOUT if stdout is None else f, env=env,
+                                **popen)
     return Proc(name, proc, log)
 
 

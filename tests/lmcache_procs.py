@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.cluster_procs import Proc, spawn, wait_for
+from tests.cluster_procs import Proc, spawn, start_logged, wait_for
 from tests.conftest import free_port
 
 # the defaults (2 s / 10 s) meet the 15 s bound too; short ones keep the tests short
@@ -43,14 +42,14 @@ class LMCacheInstance:
             "lmcache_worker_ports": ports,
             "lmcache_worker_heartbeat_time": heartbeat_s,
             "lmcache_worker_heartbeat_delay_time": 1}))
-        self.log = tmp / f"{name}.lmcache.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-        with self.log.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.lmcache_instance", str(self.config),
-                 *map(str, rank)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                env=env, cwd=Path(__file__).resolve().parents[1])
+        self._p = start_logged(
+            name, [sys.executable, "-m", "tests.lmcache_instance", str(self.config),
+                   *map(str, rank)],
+            tmp / f"{name}.lmcache.log", env, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+            text=True, cwd=Path(__file__).resolve().parents[1])
+        self.proc = self._p.proc
+        self.log = self._p.log
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -78,14 +77,10 @@ class LMCacheInstance:
         return out
 
     def tail(self) -> str:
-        try:
-            return self.log.read_text()[-3000:]
-        except OSError:
-            return ""
+        return self._p.tail()
 
     def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
+        self._p.kill9()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -21,7 +21,7 @@ from kvctl.options import (
 )
 from kvctl.output import kv_table
 from kvctl.settings import DEFAULT_LOCATION, DEFAULT_METHOD
-from kvctl.state import state
+from kvctl.state import State, state
 
 
 def compress(
@@ -141,16 +141,8 @@ def pin(
     cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Protect a prompt's stored KV from eviction (exit 2 if nothing is stored)."""
-    st = state(ctx)
-    ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    if st.settings.coordinator:  # an MP fleet: pins are the coordinator's, fleet-wide
-        from kvctl.commands import fleet
-
-        fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=False)
-        return
-    inst = st.instance_id()
-    run_operation(st, Operation("pin", location, wait=wait,
-                                call=lambda c, t: c.pin(inst, location, t)), ids)
+    _pin(state(ctx), TokenInput(prompt, tokens, tokens_file), location, wait,
+         (model_name, world_size, cache_salt), unpin=False)
 
 
 def unpin(
@@ -165,16 +157,24 @@ def unpin(
     cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Let a prompt's stored KV be evicted again (kvctl's server only)."""
-    st = state(ctx)
-    ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    if st.settings.coordinator:  # an MP fleet: pins are the coordinator's, fleet-wide
+    _pin(state(ctx), TokenInput(prompt, tokens, tokens_file), location, wait,
+         (model_name, world_size, cache_salt), unpin=True)
+
+
+def _pin(st: State, given: TokenInput, location: str, wait: bool,
+         fleet_key: tuple[str | None, int, str], unpin: bool) -> None:
+    """pin and unpin: on an MP fleet the coordinator's, fleet-wide; else the controller's."""
+    ids = given.ids(st)
+    if st.settings.coordinator:
         from kvctl.commands import fleet
 
-        fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=True)
+        fleet.pin(st, ids, *fleet_key, unpin=unpin)
         return
     inst = st.instance_id()
-    run_operation(st, Operation("unpin", location, wait=wait,
-                                call=lambda c, t: c.unpin(inst, location, t)), ids)
+    verb = "unpin" if unpin else "pin"
+    run_operation(st, Operation(verb, location, wait=wait,
+                                call=lambda c, t: (c.unpin if unpin else c.pin)(inst, location, t)),
+                  ids)
 
 
 def move(
