@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -177,8 +177,8 @@ def _route_missing(exc: ControllerError) -> bool:
     return exc.status == 405 or (exc.status == 404 and exc.detail == "Not Found")
 
 
-class ControllerClient:
-    """Synchronous client of one controller (our server or any seed-API controller)."""
+class BaseClient:
+    """One server at ``base_url``: an httpx client that carries the bearer token."""
 
     def __init__(self, base_url: str, timeout: float = 30.0, auth_token: str | None = None
                  ) -> None:
@@ -186,19 +186,26 @@ class ControllerClient:
         self.timeout = timeout
         # for a server run with --auth-token: every request carries it (never printed:
         # errors show the server's detail only)
-        token = auth_token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
-        self._peer: Peer | None = None
 
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> ControllerClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ControllerClient(BaseClient):
+    """Synchronous client of one controller (our server or any seed-API controller)."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0, auth_token: str | None = None
+                 ) -> None:
+        super().__init__(base_url, timeout, auth_token)
+        self._peer: Peer | None = None
 
     # ---- transport ----------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,

@@ -15,7 +15,15 @@ from typing import Any
 
 import httpx
 
-from kvctl.client import PROBE_MAX_BYTES, PROBE_PATH, ServerError, _detail, not_json, send
+from kvctl.client import (
+    PROBE_MAX_BYTES,
+    PROBE_PATH,
+    BaseClient,
+    ServerError,
+    _detail,
+    not_json,
+    send,
+)
 from kvctl.common.defaults import AUTH_TOKEN_ENV, env
 from kvctl.errors import KvctlError
 
@@ -39,26 +47,13 @@ def _error_detail(r: httpx.Response) -> str:
     return _detail(r)
 
 
-class CoordinatorClient:
+class CoordinatorClient(BaseClient):
     """Synchronous client of one MP coordinator."""
 
     def __init__(self, base_url: str, timeout: float = 30.0, auth_token: str | None = None
                  ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        token = auth_token or env(AUTH_TOKEN_ENV)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        super().__init__(base_url, timeout, auth_token or env(AUTH_TOKEN_ENV))
         self._kind: str | None = None
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> CoordinatorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- transport ----------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
