@@ -68,8 +68,8 @@ class Level:
 
 LEVELS: dict[str, Level] = {
     "default": Level(key_step=0.30, value_step=0.60),
-    "compact": Level(key_step=0.50, value_step=1.00),
-    "max": Level(key_step=0.80, value_step=1.60),
+    "compact": Level(key_step=0.60, value_step=1.20),
+    "max": Level(key_step=1.00, value_step=2.00),
 }
 
 
