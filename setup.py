@@ -21,5 +21,7 @@ def discover(name: str, folder: str) -> list[str]:
 setup(
     package_dir=ROOTS,
     packages=[pkg for name, folder in ROOTS.items() for pkg in discover(name, folder)],
-    package_data={"": ["*.txt", "*.json", "*.kvb"]},
+    # every file in a package folder ships (texts, profiles, bases, Redis scripts): a new kind
+    # of data file cannot be left out either
+    package_data={"": ["*"]},
 )

@@ -13,48 +13,28 @@ import platform
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
-import httpx
+# The start / wait / stop helpers are the tests' (tests/cluster_procs.py): one copy.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+from tests.cluster_procs import free_port, stop_all, wait_http
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Conn", "free_port", "stop", "wait_ready"]
 
 
 def wait_ready(url: str, procs: Sequence[subprocess.Popen] = (), timeout: float = 300) -> None:
     """Poll ``url`` until it answers 200; exit with a message if a process of ``procs`` died
     or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                sys.exit(f"{p.args} exited with {p.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"{url} not ready after {timeout:g} s")
+    try:
+        wait_http(url, timeout, *procs)
+    except AssertionError as exc:
+        sys.exit(str(exc))
 
 
 def stop(procs: Sequence[subprocess.Popen]) -> None:
     """SIGINT each process (as Ctrl-C would), then wait; kill what does not leave in 30 s."""
-    import signal
-
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_all(*procs)
 
 
 class Conn:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kvctl.codecs import blob as _blob
@@ -34,7 +34,7 @@ class Codec(Protocol):
     @property
     def params(self) -> dict[str, Any]: ...
 
-    def encode(self, kv: torch.Tensor) -> bytes: ...
+    def encode(self, kv: torch.Tensor, history: Sequence[str] = ()) -> bytes: ...
 
     def decode(self, blob: bytes, device: str | torch.device = "cpu") -> torch.Tensor: ...
 
@@ -104,11 +104,14 @@ class BaseCodec:
                 f"{self.name} cannot encode non-finite or out-of-fp16-range values "
                 f"(max |x| = {m}); use the raw codec, which stores them exactly")
 
-    def encode(self, kv: torch.Tensor) -> bytes:
+    def encode(self, kv: torch.Tensor, history: Sequence[str] = ()) -> bytes:
+        """A blob of ``kv``; ``history`` (the lossy methods ``kv`` went through before)
+        goes into its header."""
         self.check_input(kv)
         shape = tuple(int(s) for s in kv.shape)
         payload = b"" if kv.numel() == 0 else self._encode(kv.detach())
-        return _blob.pack(self.name, self.header_params, shape, dtype_name(kv.dtype), payload)
+        return _blob.pack(self.name, self.header_params, shape, dtype_name(kv.dtype), payload,
+                          history)
 
     def decode(self, blob: bytes, device: str | torch.device = "cpu") -> torch.Tensor:
         info, payload = _blob.unpack(blob)

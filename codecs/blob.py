@@ -6,7 +6,9 @@ Layout (little endian)::
     version    u8       FORMAT_VERSION
     reserved   u8       0
     hdr_len    u16      length of the JSON header
-    header     JSON     {"codec": str, "params": {...}, "shape": [5 ints], "dtype": str}
+    header     JSON     {"codec": str, "params": {...}, "shape": [5 ints], "dtype": str,
+                         "history": [str, ...] (optional: the lossy methods the KV went
+                         through before this encoding, oldest first)}
     pay_len    u64      length of the payload
     payload    bytes    codec specific
     crc32      u32      zlib.crc32 of everything above
@@ -29,6 +31,7 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +65,9 @@ MAX_HEADER_DEPTH = 8
 # The closing quote is optional so an unterminated string is still one match: the scan
 # stays linear (a mandatory one lets every quote restart a scan to the end).
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+# a history names distinct methods, so it stays short; a header claiming more is corrupt
+MAX_HISTORY = 16
+MAX_HISTORY_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class BlobInfo:
     payload_bytes: int = 0
     total_bytes: int = 0
     version: int = FORMAT_VERSION
+    # lossy methods the KV went through before this encoding (decompressing keeps them)
+    history: tuple[str, ...] = ()
 
     @property
     def num_elements(self) -> int:
@@ -91,10 +99,13 @@ class BlobInfo:
 
 
 def pack(codec: str, params: dict[str, Any], shape: tuple[int, ...], dtype: str,
-         payload: bytes | bytearray | memoryview) -> bytes:
-    """Wrap a codec payload into a checksummed blob."""
-    header = json.dumps({"codec": codec, "params": params, "shape": list(shape),
-                         "dtype": dtype}, separators=(",", ":"), sort_keys=True).encode()
+         payload: bytes | bytearray | memoryview, history: Sequence[str] = ()) -> bytes:
+    """Wrap a codec payload into a checksummed blob (``history``: see BlobInfo)."""
+    fields: dict[str, Any] = {"codec": codec, "params": params, "shape": list(shape),
+                              "dtype": dtype}
+    if history:  # only when there is one: blobs without it stay byte for byte as before
+        fields["history"] = _check_history(list(history))
+    header = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
     if len(header) > 0xFFFF:
         raise CorruptBlobError("codec header too large")
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header)) + header
@@ -161,9 +172,19 @@ def _parse(blob: bytes | bytearray | memoryview, verify: bool) -> tuple[BlobInfo
                                f"{MAX_ELEMENTS_PER_BYTE * plen}")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CorruptBlobError(f"blob header: unknown dtype {short_repr(dtype)}")
+    history = _check_history(hdr.get("history", []))
     info = BlobInfo(codec=codec, params=params, shape=shape, dtype=dtype, payload_bytes=plen,
-                    total_bytes=n, version=version)
+                    total_bytes=n, version=version, history=tuple(history))
     return info, mv[pstart:pstart + plen]
+
+
+def _check_history(history: Any) -> list[str]:
+    if (not isinstance(history, list) or len(history) > MAX_HISTORY
+            or not all(isinstance(h, str) and 0 < len(h) <= MAX_HISTORY_NAME
+                       for h in history)):
+        raise CorruptBlobError(f"blob header: history {short_repr(history)} is not a list of "
+                               f"at most {MAX_HISTORY} method names")
+    return history
 
 
 def check_depth(raw: bytes, limit: int) -> None:

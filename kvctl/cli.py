@@ -16,7 +16,7 @@ from typer.core import TyperArgument, TyperGroup, TyperOption
 from typer.exceptions import Abort, Exit, TyperException
 
 from kvctl import __version__
-from kvctl.commands import cache, cluster, events
+from kvctl.commands import cache, cluster, events, fleet
 from kvctl.commands import config as config_cmd
 from kvctl.commands.bench import bench
 from kvctl.commands.inspect import inspect
@@ -24,6 +24,7 @@ from kvctl.commands.serve import serve
 from kvctl.commands.tokenize import tokenize
 from kvctl.commands.worker import worker
 from kvctl.commands.workers import workers
+from kvctl.common.defaults import debug
 from kvctl.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_CODES_HELP,
@@ -78,7 +79,7 @@ Console.on_broken_pipe = _on_broken_pipe  # type: ignore[method-assign]
 
 
 def _debug() -> bool:
-    return os.environ.get("KVCTL_DEBUG") == "1"
+    return debug()
 
 
 def _option_names(cmd: Any) -> dict[str, bool]:
@@ -224,8 +225,14 @@ def root(
     ] = None,
     instance_id: Annotated[str | None, typer.Option(
         "--instance-id", metavar="ID", show_default=False, rich_help_panel="Global options",
-        help=f"LMCache instance. \\[env KVCTL_INSTANCE_ID; default {DEFAULT_INSTANCE_ID}]")
+        help="LMCache instance. \\[env KVCTL_INSTANCE_ID; default: the only instance "
+             f"registered with the controller, else {DEFAULT_INSTANCE_ID}]")
     ] = None,
+    coordinator: Annotated[str | None, typer.Option(
+        "--coordinator", metavar="URL", show_default=False, rich_help_panel="Global options",
+        help="LMCache MP coordinator (kvctl serve --coordinator-port, or lmcache "
+             "coordinator): lookup, pin and unpin ask it instead of the controller. \\[env "
+             "KVCTL_COORDINATOR; default none]")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", rich_help_panel="Global options",
         help="Print results as JSON on stdout (errors stay one line on stderr).")] = False,
@@ -239,7 +246,8 @@ def root(
     (kvctl config path) > default; `kvctl config show` prints what is in effect.
     """
     ctx.obj = State(flags=Flags(controller=controller, timeout=timeout, tokenizer=tokenizer,
-                                instance_id=instance_id), out=Output(json=as_json))
+                                instance_id=instance_id, coordinator=coordinator),
+                   out=Output(json=as_json))
 
 
 # Rich reflows an epilog: the blank line keeps the two sentences apart
@@ -253,6 +261,8 @@ app.command(rich_help_panel="Cache", epilog=EPILOG)(inspect)
 app.command(rich_help_panel="Tokens", epilog=GLOBAL_OPTIONS_HELP)(tokenize)
 for fn in (cluster.health, workers, cluster.codecs):
     app.command(rich_help_panel="Cluster", epilog=EPILOG)(fn)
+for fn in (fleet.instances, fleet.delete, fleet.prefetch):
+    app.command(rich_help_panel="MP fleet", epilog=EPILOG)(fn)
 app.command(rich_help_panel="Server")(serve)
 app.command(rich_help_panel="Server")(worker)
 app.command(rich_help_panel="Server")(bench)
@@ -260,9 +270,9 @@ app.add_typer(config_cmd.app, name="config", rich_help_panel="Settings")
 
 
 @app.command("config-path", hidden=True)
-def config_path() -> None:
+def config_path(ctx: typer.Context) -> None:
     """Print the path of the settings file (the older spelling of `kvctl config path`)."""
-    config_cmd.path()
+    config_cmd.path(ctx)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ point it at real servers on loopback ports).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from kvctl.common.events import ENDED
 from kvctl.errors import EXIT_FAILURE, EXIT_REJECTED, KvctlError
 from kvctl.settings import Settings
 
-__all__ = ["ENDED", "ControllerClient", "ControllerError", "UntrackedEvents"]
+__all__ = ["ENDED", "ControllerClient", "ControllerError", "NoWorkerList", "UntrackedEvents"]
 PROBE_PATH = "/openapi.json"
 PROBE_MAX_BYTES = 4 * 1024 * 1024  # an OpenAPI document is tens of KiB; never read more
 
@@ -39,6 +38,9 @@ class ControllerError(KvctlError):
     def __init__(self, status: int, path: str, detail: str) -> None:
         if status >= 500:
             msg = f"the controller failed on {path} (HTTP {status}): {detail}"
+        elif status == 401:
+            msg = (f"{detail} (HTTP 401 from {path}); kvctl sends the token in "
+                   "KVCTL_AUTH_TOKEN, or the settings file's auth_token (kvctl config path)")
         elif status == 429:
             # busy, not wrong: the same command works again in a moment
             msg = f"{detail} (HTTP 429 from {path}; nothing was queued)"
@@ -107,6 +109,10 @@ def classify(spec: Any) -> Peer:
                 "a server that is not a kvctl controller")
 
 
+class NoWorkerList(KvctlError):
+    """The controller has no /workers (upstream LMCache's): only per-instance queries."""
+
+
 def _detail(r: httpx.Response) -> str:
     try:
         body = r.json()
@@ -127,12 +133,13 @@ def _route_missing(exc: ControllerError) -> bool:
 class ControllerClient:
     """Synchronous client of one controller (our server or any seed-API controller)."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, auth_token: str | None = None
+                 ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         # for a server run with --auth-token: every request carries it (never printed:
         # errors show the server's detail only)
-        token = os.environ.get("KVCTL_AUTH_TOKEN")
+        token = auth_token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         self._peer: Peer | None = None
@@ -259,11 +266,15 @@ class ControllerClient:
             reply = self.request("GET", "/workers")
         except ControllerError as exc:
             if _route_missing(exc):
-                raise KvctlError(f"the controller at {self.base_url} does not list its workers "
-                                 "(upstream LMCache's has no /workers; `kvctl serve` does); "
-                                 "use `kvctl health`") from None
+                raise NoWorkerList(f"the controller at {self.base_url} does not list its "
+                                   "workers (upstream LMCache's has no /workers; `kvctl serve` "
+                                   "does); use `kvctl health --instance-id ID`") from None
             raise
-        return list(reply.get("workers", []))
+        found = reply.get("workers") if isinstance(reply, dict) else None
+        if not isinstance(found, list) or not all(isinstance(w, dict) for w in found):
+            raise KvctlError(f"the controller at {self.base_url} answered /workers with "
+                             f"something that is not a worker list: {str(reply)[:200]!r}")
+        return found
 
     def codecs(self) -> dict[str, Any]:
         try:
@@ -291,6 +302,11 @@ class ControllerClient:
 
         Raises UntrackedEvents when the controller cannot say anything about events.
         """
+        if not event_id.strip():
+            from kvctl.errors import UsageError
+
+            raise UsageError("the event id is empty: give an id or a prefix of one "
+                             "(`kvctl events list` shows them)")
         try:
             return self.request("GET", f"/events/{event_id}")
         except ControllerError as exc:
@@ -298,9 +314,12 @@ class ControllerClient:
                 raise
         return self.check_finish(event_id)
 
-    def events(self, status: str | None = None, limit: int | None = None
+    def events(self, status: str | None = None, limit: int | None = None,
+               instance: str | None = None, method: str | None = None
                ) -> list[dict[str, Any]]:
-        params = {k: v for k, v in (("status", status), ("limit", limit)) if v is not None}
+        params = {k: v for k, v in (("status", status), ("limit", limit),
+                                    ("instance", instance), ("method", method))
+                  if v is not None}
         try:
             reply = self.request("GET", "/events", params=params or None)
         except ControllerError as exc:
@@ -314,4 +333,4 @@ class ControllerClient:
 
 def connect(settings: Settings) -> ControllerClient:
     """The client of the controller the settings name (the one constructor commands use)."""
-    return ControllerClient(settings.controller, settings.timeout)
+    return ControllerClient(settings.controller, settings.timeout, settings.auth_token)

@@ -22,7 +22,8 @@ WaitOpt = Annotated[bool, typer.Option(
 
 PromptArg = Annotated[str | None, typer.Argument(
     metavar="PROMPT", show_default=False,
-    help="Prompt text, tokenized locally; '-' reads it from stdin.")]
+    help="Prompt text, tokenized locally; '-' reads it from stdin exactly, a final newline "
+         "included (printf '%s' \"$P\" | ... for one without).")]
 TokensOpt = Annotated[str | None, typer.Option(
     "--tokens", metavar="IDS", show_default=False,
     help="Token ids instead of a prompt: 1,2,3 (commas or spaces).")]
@@ -30,3 +31,14 @@ TokensFileOpt = Annotated[Path | None, typer.Option(
     "--tokens-file", metavar="FILE", show_default=False, dir_okay=False, allow_dash=True,
     help="File of token ids ('-' = stdin): 1,2,3 / whitespace-separated / a JSON list / "
          "vLLM's /tokenize reply.")]
+
+# LMCache MP fleets (--coordinator): what, besides the tokens, names a chunk on a server
+ModelNameOpt = Annotated[str | None, typer.Option(
+    "--model-name", metavar="NAME", envvar="KVCTL_MODEL_NAME", show_default=False,
+    help="Model name the MP servers store KV under (vLLM's served model name); with "
+         "--coordinator. \\[env KVCTL_MODEL_NAME]")]
+WorldSizeOpt = Annotated[int, typer.Option(
+    "--world-size", metavar="N", min=1, max=255,
+    help="Tensor x pipeline parallel size of the serving engine; with --coordinator.")]
+CacheSaltOpt = Annotated[str, typer.Option(
+    "--cache-salt", metavar="SALT", help="Per-tenant cache salt; with --coordinator.")]

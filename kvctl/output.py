@@ -152,31 +152,68 @@ def short_id(event_id: str) -> str:
 
 
 def events_table(events: Iterable[Mapping[str, Any]], title: str | None = None,
-                 now: float | None = None) -> Table:
+                 now: float | None = None, wide: bool = False, width: int = 80) -> Table:
     """One row per event, 80 columns wide at most: short ids (typeable, never folded),
-    op, method, state, chunks, size after, ratio, elapsed. `events show` has the rest."""
+    op, method, state, chunks, size after, ratio, elapsed. `events show` has the rest.
+
+    ``wide`` (`events list`): the instance and the error too, in what a terminal ``width``
+    columns wide leaves (size after and ratio make room on a narrow one); they are cut
+    with an ellipsis, never the other columns."""
     events = list(events)
     ids = short_ids(str(ev.get("event_id")) for ev in events)
-    table = Table(title=title, header_style="bold", box=None, pad_edge=False,
-                  padding=(0, 1, 0, 0))
-    # Only the method column gives way on a narrow terminal; the others are as wide as
-    # their widest cell, so an id is never folded or cut.
-    table.add_column("id", no_wrap=True, min_width=max((len(i) for i in ids.values()),
-                                                      default=2))
-    table.add_column("op", no_wrap=True, min_width=10)
-    table.add_column("method", no_wrap=True, overflow="ellipsis", max_width=16)
-    table.add_column("state", no_wrap=True, min_width=8)
-    for col, width in (("chunks", 7), ("after", 9), ("ratio", 6), ("elapsed", 7)):
-        table.add_column(col, justify="right", no_wrap=True, min_width=width)
     now = time.time() if now is None else now
+    heads = ["id", "op", "method", "state", "chunks", "after", "ratio", "elapsed"]
+    rows: list[list[Any]] = []
     for ev in events:
         total = ev.get("chunks_total")
         chunks = "-" if total is None else f"{ev.get('chunks_done', 0)}/{total}"
-        table.add_row(Text(ids[str(ev.get("event_id"))]), Text(str(ev.get("op") or "-")),
-                      Text(str(ev.get("method") or "-")), status_text(ev.get("status")),
-                      chunks, fmt_bytes(ev.get("bytes_after")) if "bytes_after" in ev else "-",
-                      fmt_ratio(ev), elapsed(ev, now))
+        rows.append([Text(ids[str(ev.get("event_id"))]), Text(str(ev.get("op") or "-")),
+                     Text(str(ev.get("method") or "-")), status_text(ev.get("status")),
+                     chunks, fmt_bytes(ev.get("bytes_after")) if "bytes_after" in ev else "-",
+                     fmt_ratio(ev), elapsed(ev, now)])
+    table = Table(title=title, header_style="bold", box=None, pad_edge=False,
+                  padding=(0, 1, 0, 0))
+    if not wide:
+        # Only the method column gives way on a narrow terminal; the others are as wide as
+        # their widest cell, so an id is never folded or cut.
+        table.add_column("id", no_wrap=True, min_width=max((len(i) for i in ids.values()),
+                                                          default=2))
+        table.add_column("op", no_wrap=True, min_width=10)
+        table.add_column("method", no_wrap=True, overflow="ellipsis", max_width=16)
+        table.add_column("state", no_wrap=True, min_width=8)
+        for col, min_width in (("chunks", 7), ("after", 9), ("ratio", 6), ("elapsed", 7)):
+            table.add_column(col, justify="right", no_wrap=True, min_width=min_width)
+        for row in rows:
+            table.add_row(*row)
+        return table
+    # one line per event: an error's own newlines would break the table's rows
+    extra = [[str(ev.get("instance_id") or "-"), " ".join(str(ev.get("error") or "-").split())]
+             for ev in events]
+    cols = _cell_widths(heads, rows)
+    keep = list(range(len(heads)))
+    left = width - sum(cols[i] + 1 for i in keep)
+    if left < 2 * WIDE_MIN:  # size after and ratio make room (`events show` has them)
+        keep = [i for i in keep if heads[i] not in ("after", "ratio")]
+        left = width - sum(cols[i] + 1 for i in keep)
+    inst_w = min(max(len(e[0]) for e in extra), max(WIDE_MIN, (left - 2) // 2), 24)
+    err_w = max(WIDE_MIN, min(max(len(e[1]) for e in extra), left - inst_w - 2))
+    for i in keep:
+        table.add_column(heads[i], no_wrap=True, min_width=cols[i],
+                         justify="right" if i >= 4 else "left")
+    table.add_column("instance", no_wrap=True, overflow="ellipsis", width=max(inst_w, 8))
+    table.add_column("error", no_wrap=True, overflow="ellipsis", width=err_w)
+    for row, (inst, err) in zip(rows, extra, strict=True):
+        table.add_row(*(row[i] for i in keep), Text(inst), Text(err))
     return table
+
+
+# the narrowest the instance and error columns of `events list` get
+WIDE_MIN = 8
+
+
+def _cell_widths(heads: list[str], rows: list[list[Any]]) -> list[int]:
+    return [max([len(h), *(len(r[i]) if isinstance(r[i], Text) else len(str(r[i]))
+                           for r in rows)]) for i, h in enumerate(heads)]
 
 
 def event_details(ev: Mapping[str, Any]) -> Table:

@@ -1,37 +1,54 @@
 """CLI settings: flag > environment (KVCTL_*) > config file > built-in default.
 
 The config file is ``<user config dir>/kvctl/config.yaml`` (``typer.get_app_dir``), or the
-file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id.
+file named by ``KVCTL_CONFIG``; keys: controller, timeout, tokenizer, instance_id,
+auth_token, coordinator. The token has no flag (a flag shows in `ps`) and is never printed.
 `resolve` reads the file once and records where each value came from (`kvctl config show`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvctl.common.defaults import (
+    AUTH_TOKEN_ENV,
+    CONTROLLER_ENV,
+    COORDINATOR_ENV,
+    DEFAULT_CONTROLLER,
+    DEFAULT_INSTANCE_ID,
+    DEFAULT_LOCATION,
+    DEFAULT_METHOD,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TOKENIZER,
+    INSTANCE_ID_ENV,
+    SETTINGS_FILE_ENV,
+    TIMEOUT_ENV,
+    TOKENIZER_ENV,
+    env,
+)
 from kvctl.errors import KvctlError, UsageError
 
-DEFAULT_CONTROLLER = "http://localhost:9000"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_TOKENIZER = "smollm2"
-DEFAULT_INSTANCE_ID = "lmcache_default_instance"
-DEFAULT_METHOD = "cachegen"
-DEFAULT_LOCATION = "LocalCPUBackend"
-FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id")
-ENV_VARS = {"controller": "KVCTL_CONTROLLER", "timeout": "KVCTL_TIMEOUT",
-            "tokenizer": "KVCTL_TOKENIZER", "instance_id": "KVCTL_INSTANCE_ID"}
+__all__ = ["DEFAULT_CONTROLLER", "DEFAULT_INSTANCE_ID", "DEFAULT_LOCATION", "DEFAULT_METHOD",
+           "DEFAULT_TIMEOUT", "DEFAULT_TOKENIZER", "Flags", "Settings", "config_path",
+           "resolve"]
+FILE_KEYS = ("controller", "timeout", "tokenizer", "instance_id", "auth_token", "coordinator")
+SECRET_KEYS = frozenset({"auth_token"})
+ENV_VARS = {"controller": CONTROLLER_ENV, "timeout": TIMEOUT_ENV, "tokenizer": TOKENIZER_ENV,
+            "instance_id": INSTANCE_ID_ENV, "auth_token": AUTH_TOKEN_ENV,
+            "coordinator": COORDINATOR_ENV}
+# coordinator: an LMCache MP coordinator (kvctl's or upstream's); none = the controller API
 DEFAULTS: dict[str, Any] = {"controller": DEFAULT_CONTROLLER, "timeout": DEFAULT_TIMEOUT,
-                            "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID}
+                            "tokenizer": DEFAULT_TOKENIZER, "instance_id": DEFAULT_INSTANCE_ID,
+                            "auth_token": None, "coordinator": None}
 
 
 def config_path() -> Path:
     """The settings file in use (it need not exist)."""
-    env = os.environ.get("KVCTL_CONFIG")
-    if env:
-        return Path(env).expanduser()
+    named = env(SETTINGS_FILE_ENV)
+    if named:
+        return Path(named).expanduser()
     import typer
 
     return Path(typer.get_app_dir("kvctl")) / "config.yaml"
@@ -66,6 +83,27 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def check_url(url: str, source: str) -> str:
+    """The controller URL, normalized; one that is not a single http(s) URL is a usage error
+    naming where it came from."""
+    import httpx
+
+    norm = normalize_url(url)
+    if "," in norm:
+        raise UsageError(f"controller from {source}: {url!r} names several addresses; kvctl "
+                         "talks to one controller (two controllers sharing a --state serve "
+                         "the same events and workers: name either)")
+    try:
+        parsed = httpx.URL(norm)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host) and " " not in norm
+    except httpx.InvalidURL:
+        ok = False
+    if not ok:
+        raise UsageError(f"controller from {source}: {url!r} is not an http(s) URL or "
+                         "host:port")
+    return norm
+
+
 @dataclass(frozen=True)
 class Settings:
     """The effective settings of one invocation; ``sources`` says where each came from
@@ -75,10 +113,15 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     tokenizer: str = DEFAULT_TOKENIZER
     instance_id: str = DEFAULT_INSTANCE_ID
+    coordinator: str | None = None
+    # the bearer token of a server run with --auth-token; repr=False: never in a traceback
+    auth_token: str | None = field(default=None, repr=False)
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def as_rows(self) -> list[tuple[str, Any, str]]:
-        return [(k, getattr(self, k), self.sources.get(k, "default")) for k in FILE_KEYS]
+        """(key, value, source) per setting; a secret shows only whether it is set."""
+        return [(k, ("(set)" if getattr(self, k) else None) if k in SECRET_KEYS
+                 else getattr(self, k), self.sources.get(k, "default")) for k in FILE_KEYS]
 
 
 @dataclass(frozen=True)
@@ -89,6 +132,8 @@ class Flags:
     timeout: float | None = None
     tokenizer: str | None = None
     instance_id: str | None = None
+    coordinator: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # no CLI flag: API use only
 
 
 def resolve(flags: Flags | None = None) -> Settings:
@@ -99,11 +144,11 @@ def resolve(flags: Flags | None = None) -> Settings:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in FILE_KEYS:
-        flag, env = getattr(flags, key), os.environ.get(ENV_VARS[key])
+        flag, from_env = getattr(flags, key), env(ENV_VARS[key])
         if flag is not None:
             values[key], sources[key] = flag, f"--{key.replace('_', '-')}"
-        elif env:
-            values[key], sources[key] = env, ENV_VARS[key]
+        elif from_env:
+            values[key], sources[key] = from_env, ENV_VARS[key]
         elif file.get(key) is not None:
             values[key], sources[key] = file[key], str(path)
         else:
@@ -115,6 +160,10 @@ def resolve(flags: Flags | None = None) -> Settings:
                          f"got {values['timeout']!r}") from None
     if not timeout > 0:
         raise UsageError(f"timeout from {sources['timeout']} must be > 0, got {timeout:g}")
-    return Settings(controller=normalize_url(str(values["controller"])), timeout=timeout,
+    token = values["auth_token"]
+    return Settings(controller=check_url(str(values["controller"]), sources["controller"]),
+                    timeout=timeout,
                     tokenizer=str(values["tokenizer"]), instance_id=str(values["instance_id"]),
-                    sources=sources)
+                    auth_token=str(token) if token else None,
+                    coordinator=normalize_url(str(values["coordinator"]))
+                    if values["coordinator"] else None, sources=sources)

@@ -15,13 +15,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kvctl.common.defaults import (
+    AUTH_TOKEN_ENV,
+    CONFIG_FILE_ENV,
+    DEFAULT_INSTANCE_ID,
+    DEFAULT_MODEL,
+    env,
+)
 from kvctl.server.redact import redact
 
 log = logging.getLogger("kvctl.server")
 
-DEFAULT_INSTANCE_ID = "lmcache_default_instance"
-CONFIG_ENV = "LMCACHE_CONFIG_FILE"
-AUTH_TOKEN_ENV = "KVCTL_AUTH_TOKEN"
 
 # LMCache keys that are meaningful upstream but configure nothing in the bundled server:
 # accepted (a real LMCache config loads) and named in a warning.
@@ -74,7 +78,7 @@ class ServerSettings(BaseModel):
     port: int = Field(9000, ge=0, le=65535)
     monitor_port: int | None = Field(9001, ge=0, le=65535)
     engine_port: int = Field(8000, ge=0, le=65535)
-    model: str = "smollm2"
+    model: str = DEFAULT_MODEL
     codec_threads: int = Field(1, ge=1, le=64, description="size of the codec worker pool")
     torch_threads: int = Field(0, ge=0, le=256, description="0 = torch default")
     max_request_tokens: int = Field(1_000_000, ge=1)
@@ -114,6 +118,88 @@ class ServerSettings(BaseModel):
                                     description="how long the controller waits for a worker")
     advertise_host: str | None = Field(None, description="host other processes reach this "
                                        "one at; default: host")
+    # the cluster boundary: what a worker (or anything registered as one) may cost
+    max_workers: int = Field(256, ge=1, le=100_000, description="registered workers at most "
+                             "(dead ones make room); a registration beyond answers 409")
+    fanout_timeout_s: float = Field(1.0, gt=0, le=600, description="how long /lookup, "
+                                    "/workers and /metrics wait for each worker; a later "
+                                    "answer is left out and its instance marked late")
+    max_chunk_elements: int = Field(1 << 26, ge=1, le=1 << 32, description="elements a chunk "
+                                    "blob may claim in its header before it is decoded")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request's headers "
+                                    "must arrive within this (slowloris)")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body may "
+                                  "pause this long between reads; then 408")
+
+    # LMCache 0.5.6 fleets: the controller sockets their LMCacheWorkers talk to
+    lmcache_monitor_ports: dict[str, int] | None = Field(
+        None, description="bind LMCache's controller sockets: {pull, reply, heartbeat} ports "
+                          "(pull 8300 / reply 8400 if left out, heartbeat OS-chosen)")
+    lmcache_monitor_host: str = Field("127.0.0.1", description="address the LMCache sockets "
+                                      "bind; they cannot authenticate")
+    lmcache_job_timeout_s: float = Field(600.0, gt=0, le=86_400, description="longest an "
+                                         "LMCache compress, decompress or move may run")
+    lmcache_max_workers: int = Field(4096, ge=1, description="LMCache workers registered at "
+                                     "most; registrations beyond are refused and counted")
+    lmcache_none_hash: int = Field(0, description="seed of LMCache's chunk-hash chain: 0 "
+                                   "without vLLM; with vLLM, the NONE_HASH LMCache logs")
+    lmcache_max_keys: int = Field(1_000_000, ge=1, description="chunk hashes kept per LMCache "
+                                  "worker and location; admits beyond are dropped and counted")
+
+    @field_validator("lmcache_monitor_ports", mode="before")
+    @classmethod
+    def _monitor_ports(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            import json
+
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError('expected JSON like {"pull": 8300, "reply": 8400, '
+                                 '"heartbeat": 8500}') from None
+        if not isinstance(v, dict):
+            raise ValueError('expected a mapping like {"pull": 8300, "reply": 8400}')
+        unknown = sorted(set(v) - {"pull", "reply", "heartbeat"})
+        if unknown:
+            raise ValueError(f"unknown socket(s) {', '.join(map(repr, unknown))}; the LMCache "
+                             "sockets are pull, reply and heartbeat")
+        out = {"pull": 8300, "reply": 8400}
+        for k, port in v.items():
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ValueError(f"{k}: a port is an integer in [0, 65535], got {port!r}")
+            out[k] = port
+        return out
+
+    # LMCache MP coordinator (`lmcache server --coordinator-url http://HOST:PORT`)
+    coordinator_port: int | None = Field(None, ge=0, le=65535, description="serve LMCache's "
+                                         "MP coordinator API here (LMCache's default: 9300)")
+    coordinator_allow: list[str] = Field(
+        default_factory=list, description="addresses/networks (besides loopback) whose MP "
+                                          "servers may register and post events")
+    coordinator_instance_timeout_s: float = Field(30.0, gt=0, le=3600, description="an MP "
+                                                  "server silent this long is deregistered")
+    coordinator_max_keys: int = Field(1_000_000, ge=1, description="most keys the directory "
+                                      "holds; store entries for new keys beyond are dropped "
+                                      "and counted")
+    coordinator_keep_token_ids: bool = Field(True, description="keep each chunk's token ids "
+                                             "(returned by lookups; ~1 KiB per key)")
+    coordinator_chunk_size: int = Field(256, ge=1, le=1 << 20, description="the MP servers' "
+                                        "chunk size, for hashing token ids")
+
+    @field_validator("coordinator_allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. "
+                                 "10.0.0.7 or 10.0.0.0/24)") from None
+        return [e.strip() for e in v]
 
     @field_validator("lmcache_instance_id")
     @classmethod
@@ -248,10 +334,11 @@ def build_settings(config_file: str | os.PathLike[str] | None = None,
 
     Overrides whose value is None are ignored, so CLI flags left unset fall through.
     """
-    source = str(config_file or os.environ.get(CONFIG_ENV) or "")
+    source = str(config_file or env(CONFIG_FILE_ENV) or "")
     data = load_config_file(source) if source else {}
-    if os.environ.get(AUTH_TOKEN_ENV):  # the environment beats the file, a flag beats both
-        data["auth_token"] = os.environ[AUTH_TOKEN_ENV]
+    token = env(AUTH_TOKEN_ENV)
+    if token:  # the environment beats the file, a flag beats both
+        data["auth_token"] = token
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return ServerSettings(**data)

@@ -162,11 +162,23 @@ def _redact_arg(arg: object) -> object:
 
 
 # ------------------------------------------------------------------------ responses ----
-class RedactResponses:
-    """ASGI middleware: response bodies pass through ``redact`` before they leave.
+def is_text(content_type: bytes | None) -> bool:
+    """Whether a body of this ``Content-Type`` is text that redaction may rewrite: JSON,
+    ``text/*`` (metrics, errors), or no type at all. Anything else (chunk bytes,
+    ``application/octet-stream``) is bytes and passes untouched: KV that happens to spell
+    ``pwd=`` is not a password, and rewriting it corrupts the chunk."""
+    if not content_type:
+        return True
+    t = content_type.split(b";", 1)[0].strip().lower()
+    return t.startswith(b"text/") or t == b"application/json" or t.endswith(b"+json")
 
-    Bodies are buffered (every kvctl response is a bounded JSON or metrics document) so a
-    secret split across two writes is still found; ``content-length`` is recomputed.
+
+class RedactResponses:
+    """ASGI middleware: text response bodies pass through ``redact`` before they leave.
+
+    Text bodies are buffered (every kvctl text response is a bounded JSON or metrics
+    document) so a secret split across two writes is still found; ``content-length`` is
+    recomputed. Binary bodies (`is_text`) stream through unchanged.
     """
 
     def __init__(self, app: object) -> None:
@@ -182,6 +194,11 @@ class RedactResponses:
         async def buffered_send(message: dict) -> None:
             nonlocal start
             if message["type"] == "http.response.start":
+                ctype = next((v for k, v in message.get("headers", [])
+                              if k.lower() == b"content-type"), None)
+                if not is_text(ctype):
+                    await send(message)  # type: ignore[operator]
+                    return
                 start = message
                 return
             if message["type"] != "http.response.body" or start is None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.cluster_procs import free_port  # the one definition; tests import it from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,10 +50,6 @@ async def in_process_api(settings, base_url: str = "http://test") -> AsyncIterat
             yield client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- server fixtures ----
@@ -129,7 +126,7 @@ def cli_env(tmp_path, monkeypatch) -> Path:
     """No user settings leak in: empty env, a config file path under tmp_path, and an
     80-column terminal for everything Rich renders."""
     for var in ("KVCTL_CONTROLLER", "KVCTL_TIMEOUT", "KVCTL_TOKENIZER", "KVCTL_INSTANCE_ID",
-                "KVCTL_DEBUG"):
+                "KVCTL_DEBUG", "KVCTL_AUTH_TOKEN", "KVCTL_COORDINATOR", "KVCTL_MODEL_NAME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("COLUMNS", "80")
     cfg = tmp_path / "kvctl-config.yaml"

@@ -170,13 +170,14 @@ async def test_openapi_page(api):
 
 
 async def test_remote_backend_compress(redis_url, prose_ids, prose_kv):
-    settings = ServerSettings(model="none", remote_url=redis_url,
+    # Redis alone: write-through and read-through go to it only
+    settings = ServerSettings(model="none", remote_url=redis_url, local_cpu=False,
                               lmcache_instance_id="redis-test")
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         rt = app.state.runtime
         rt.backends["RemoteBackend"].clear()
-        rt.store_kv(prose_ids, prose_kv, location="RemoteBackend")
+        rt.store_kv(prose_ids, prose_kv)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://t") as c:
             c.runtime = rt  # type: ignore[attr-defined]
@@ -185,5 +186,5 @@ async def test_remote_backend_compress(redis_url, prose_ids, prose_kv):
             assert r.json()["num_tokens"] == len(prose_ids)
             ev = await wait_event(c, r.json()["event_id"])
             assert ev["status"] == "finished" and 0 < ev["bytes_after"] < ev["bytes_before"]
-        n, kv = rt.load_prefix(prose_ids, location="RemoteBackend")
+        n, kv = rt.load_prefix(prose_ids)
         assert n == len(prose_ids) and kv.shape == prose_kv.shape

@@ -41,6 +41,21 @@ def test_bench_on_saved_kv_json(app, kv_file):
     assert cg["method"] == "cachegen" and cg["ratio"] > 3 and cg["top1"] is None
 
 
+def test_plain_bench_reports_progress_on_stderr(app, kv_file):
+    r = CliRunner().invoke(app, ["bench", "--kv", str(kv_file), "--codec", "raw", "--codec",
+                                 "int8", "--repeats", "1"])
+    assert r.exit_code == 0, r.output
+    steps = [ln.split("] ", 1)[1] for ln in r.stderr.splitlines()]
+    assert steps[0] == "2 codecs, 1 timed run(s) each"
+    assert [s.split(",")[0] for s in steps[1:]] == ["raw (1/2)", "int8 (2/2)"]
+    assert "int8" in r.stdout and "timed run" not in r.stdout  # results alone on stdout
+    # --json (bench's own, or the global one before the command): one document on stdout
+    for args in (["bench", "--json"], ["--json", "bench"]):
+        r = CliRunner().invoke(app, [*args, "--kv", str(kv_file), "--codec", "raw",
+                                     "--repeats", "1"])
+        assert r.exit_code == 0 and json.loads(r.stdout)["results"][0]["method"] == "raw"
+
+
 def test_bench_errors_are_one_line(app, kv_file, tmp_path):
     r = CliRunner().invoke(app, ["bench", "--codec", "gzip"])
     assert r.exit_code == 2 and "unknown method 'gzip'" in r.output
@@ -66,6 +81,11 @@ def test_bench_on_text_with_the_model(app, tmp_path, lm):
                                  "--plot", str(png), "--markdown", str(md)])
     assert r.exit_code == 0, r.output
     assert "cachegen" in r.stdout and "top-1" in r.stdout
+    # progress on stderr from the start: the model load, then each codec
+    lines = r.stderr.splitlines()
+    assert "] smollm2: loading, then reading the text" in lines[0]
+    assert [ln.split("] ", 1)[1].split(",")[0] for ln in lines[2:]] == [
+        "raw (1/3)", "cachegen (2/3)", "kivi-2 (3/3)"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = md.read_text()
     assert "| raw | 16.00 | 1.00x" in table or "| raw | 16.0" in table

@@ -22,12 +22,13 @@ def ids_arg(ids: list[int]) -> str:
     return ",".join(map(str, ids))
 
 
-def store(server, ids: list[int], location: str | None = None) -> None:
+def store(server, ids: list[int]) -> None:
+    """Into every tier of the server's worker, as the engine stores a prompt's KV."""
     import torch
 
     gen = torch.Generator().manual_seed(len(ids))
     kv = torch.randn(2, 2, len(ids), 2, 16, generator=gen).to(torch.float16)
-    server.state.runtime.store_kv(ids, kv, location)
+    server.state.runtime.store_kv(ids, kv)
 
 
 def ended(server, event_id: str) -> dict:
@@ -117,7 +118,7 @@ def test_lookup_pin_move_clear(cli_server):
 
 def test_clear_asks_first_and_keeps_the_chunks_when_told_no(cli_server):
     ids = list(range(3000, 3300))
-    store(cli_server, ids, "LocalDiskBackend")
+    store(cli_server, ids)
     assert chunks_in(cli_server, "LocalDiskBackend") == 2
     for answer in ("n\n", "\n", ""):  # no, the default (no), and no answer at all
         r = run_cli("clear", "-l", "LocalDiskBackend", expected_exit_code=1, input=answer)
@@ -298,7 +299,7 @@ def test_watch_all_with_nothing_running(cli_server):
 # ------------------------------------------------------------------------ cluster ----
 def test_health_workers_codecs(cli_server):
     r = run_cli("health", "--json")
-    assert set(json.loads(r.stdout)["error_codes"].values()) == {0}
+    assert json.loads(r.stdout)["instances"][INSTANCE]["error_codes"] == {"0": 0}
     assert "healthy" in run_cli("health").stdout
     [w] = json.loads(run_cli("workers", "--json").stdout)["workers"]
     assert w["instance_id"] == INSTANCE and w["state"] == "alive"
@@ -353,7 +354,9 @@ def test_settings_precedence_flag_env_file(cli_server, cli_env, monkeypatch):
         "controller": {"value": url, "source": str(cli_env)},
         "timeout": {"value": 5.0, "source": str(cli_env)},
         "tokenizer": {"value": "smollm2", "source": "default"},
-        "instance_id": {"value": "from-file", "source": str(cli_env)}}
+        "instance_id": {"value": "from-file", "source": str(cli_env)},
+        "auth_token": {"value": None, "source": "default"},
+        "coordinator": {"value": None, "source": "default"}}
     # the file's controller is the one used; its instance is unknown there
     r = run_cli("compress", "--tokens", "1,2", expected_exit_code=2)
     assert "unknown instance_id 'from-file'" in r.stderr
@@ -385,7 +388,7 @@ def test_bad_settings_file_is_one_line(cli_env):
     cli_env.write_text("controler: http://x\n")
     r = run_cli("codecs", expected_exit_code=1)
     assert r.stderr == (f"error: config file {cli_env}: unknown key(s) controler; known: "
-                        "controller, timeout, tokenizer, instance_id\n")
+                        "controller, timeout, tokenizer, instance_id, auth_token, coordinator\n")
     run_cli("codecs", "--help")  # help still works
 
 
@@ -511,6 +514,10 @@ def faulty_app() -> FastAPI:
     async def workers() -> list:
         return [1, 2]  # not the object the API promises
 
+    @app.get("/events")
+    async def events() -> dict:
+        return {"events": [1, 2]}  # events that are not objects
+
     failed = {"event_id": "e", "op": "compress", "status": "failed", "chunks_total": 1,
               "chunks_done": 0, "bytes_before": 0, "bytes_after": 0, "num_tokens": 3,
               "error": "chunk 0 [red]vanished[/red]", "created_at": 1.0, "started_at": 1.0,
@@ -543,7 +550,7 @@ def test_5xx_shows_detail_and_markup_is_not_interpreted(faulty):
 
 
 def test_non_json_reply_from_a_controller(faulty):
-    r = run_cli("health", expected_exit_code=1)
+    r = run_cli("--instance-id", "i", "health", expected_exit_code=1)
     assert r.stderr.startswith(f"error: the controller at {faulty} answered /health with "
                                "something that is not JSON: '<html>proxy error</html>'")
 
@@ -557,13 +564,19 @@ def test_failed_event_exits_1_with_its_error(faulty):
 
 
 def test_unexpected_exception_is_one_line_unless_debug(faulty, monkeypatch):
-    r = run_cli("workers", expected_exit_code=1)
+    r = run_cli("events", "list", expected_exit_code=1)
     assert r.stderr.startswith("error: unexpected AttributeError: ")
     assert r.stderr.endswith("(this is a kvctl bug; rerun with KVCTL_DEBUG=1 for the "
                              "traceback)\n")
     monkeypatch.setenv("KVCTL_DEBUG", "1")
-    r = run_cli("workers", expected_exit_code=1)
+    r = run_cli("events", "list", expected_exit_code=1)
     assert isinstance(r.exception, AttributeError)
+
+
+def test_a_worker_list_that_is_not_one_is_one_line(faulty):
+    r = run_cli("workers", expected_exit_code=1)
+    assert r.stderr.startswith(f"error: the controller at {faulty} answered /workers with "
+                               "something that is not a worker list: ")
 
 
 def test_timeout_names_the_path_and_the_setting(cli_env):
@@ -618,3 +631,45 @@ def test_ctrl_c_stops_watching_with_130(cli_env):
                 proc.kill()
     assert proc.returncode == 130
     assert err == "error: stopped watching; the events keep running on the controller\n"
+
+
+# ------------------------------------------------------------- small new-user finds ----
+def test_watch_piped_ends_with_a_newline(cli_server):
+    ids = list(range(1000, 1300))
+    store(cli_server, ids)
+    ev = json.loads(run_cli("compress", "--tokens", ids_arg(ids), "--json").stdout)
+    ended(cli_server, ev["event_id"])
+    r = run_cli("events", "watch", ev["event_id"])
+    assert r.stdout.endswith("\n") and "finished" in r.stdout.splitlines()[-1]
+
+
+def test_several_controllers_or_a_bad_url_is_a_usage_error(cli_env):
+    r = run_cli("--controller", "localhost:9000,localhost:9100", "codecs",
+                expected_exit_code=2)
+    assert r.stderr.startswith("error: controller from --controller: "
+                               "'localhost:9000,localhost:9100' names several addresses")
+    assert "unexpected" not in r.stderr
+    r = run_cli("--controller", "ftp://x", "codecs", expected_exit_code=2)
+    assert r.stderr == ("error: controller from --controller: 'ftp://x' is not an http(s) "
+                        "URL or host:port\n")
+
+
+def test_events_show_of_an_empty_id_says_so(cli_env):
+    r = run_cli("events", "show", "", expected_exit_code=2)
+    assert r.stderr.startswith("error: the event id is empty")
+
+
+def test_config_path_json(cli_env):
+    assert json.loads(run_cli("config", "path", "--json").stdout) == {
+        "config_file": str(cli_env), "exists": False}
+    cli_env.write_text("timeout: 3\n")
+    assert json.loads(run_cli("--json", "config", "path").stdout)["exists"] is True
+    assert run_cli("config", "path").stdout == f"{cli_env}\n"
+
+
+def test_get_health_answers(cli_server):
+    import httpx
+
+    r = httpx.get(cli_server.state.url + "/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "error_codes": {f"{INSTANCE}/0": 0}}

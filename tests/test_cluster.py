@@ -211,3 +211,32 @@ def test_worker_outlives_its_controller_and_registers_again(cluster: Cluster):
     toks = tokens(worker, PROMPTS[A])
     r = httpx.post(cluster.api + "/compress", json=req(A, toks), timeout=10)
     assert r.status_code == 200 and r.json()["num_tokens"] == len(toks)
+
+
+def test_ctrl_c_stops_cleanly_and_deregisters_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, codec pool included) on `kvctl worker`
+    and on `kvctl serve --model none`: no traceback, exit 0, and the worker is shown dead
+    at once. dead_after_s is an hour here, so only the deregistration can make it so."""
+    slow = {"dead_after_s": 3600.0}
+    ctl = start_controller(tmp_path, extra=slow, worker=True, own_group=True)
+    w = start_worker(tmp_path, "node-a", [ctl.urls["monitor"]], model="none",
+                     own_group=True)
+    try:
+        wait_for(lambda: workers(ctl.urls["api"]).get("node-a", {}).get("state") == "alive",
+                 120, "node-a did not register", ctl, w)
+        w.interrupt_group()
+        assert w.proc.wait(60) == 0
+        view = workers(ctl.urls["api"])["node-a"]
+        assert view["state"] == "dead" and view["error_code"] == 2
+        r = httpx.post(ctl.urls["api"] + "/compress", json={
+            "instance_id": "node-a", "method": "cachegen", "location": "LocalCPUBackend",
+            "tokens": [1, 2, 3]}, timeout=30)
+        assert r.status_code == 503 and "was stopped" in r.json()["detail"], r.text
+        log = w.tail()
+        assert "Traceback" not in log and "deregistered from the controller" in log, log
+    finally:
+        w.stop()
+        ctl.interrupt_group()
+        assert ctl.proc.wait(60) == 0
+        assert "Traceback" not in ctl.tail(), ctl.tail()
+        ctl.stop()

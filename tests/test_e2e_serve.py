@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from tests.cluster_procs import _ok, start_serve, wait_for
 from tests.conftest import DATA, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -30,40 +31,20 @@ class Stack:
 
 
 def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"kvctl serve exited with {proc.returncode}: "
-                                 f"{proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready after {timeout} s")
+    """``url`` answers 200 (the process must not exit first); for a Popen of one's own."""
+    wait_for(lambda: proc.poll() is not None or _ok(url), timeout, f"{url} not ready")
+    if proc.poll() is not None:
+        raise AssertionError(f"kvctl serve exited with {proc.returncode}")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    ports = [free_port() for _ in range(3)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvctl", "serve", "--config", str(DATA / "seed_example.yaml"),
-         "--port", str(ports[0]), "--monitor-port", str(ports[1]),
-         "--engine-port", str(ports[2])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    s = Stack(proc, *(f"http://127.0.0.1:{p}" for p in ports))
+    p = start_serve(tmp_path_factory.mktemp("serve"), "--config",
+                    str(DATA / "seed_example.yaml"))
     try:
-        wait_until_ready(proc, s.engine + "/health")
-        yield s
+        yield Stack(p.proc, p.urls["api"], p.urls["monitor"], p.urls["engine"])
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        p.stop()
 
 
 def poll_status(controller: str, event_id: str, timeout: float = 120) -> str:
@@ -141,14 +122,10 @@ def test_busy_port_is_one_line_error(stack: Stack):
 
 
 def test_sigint_stops_cleanly(tmp_path):
-    ports = [free_port(), free_port()]
-    proc = subprocess.Popen([sys.executable, "-m", "kvctl", "serve", "--model", "none",
-                             "--port", str(ports[0]), "--monitor-port", str(ports[1])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until_ready(proc, f"http://127.0.0.1:{ports[1]}/healthz", timeout=60)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == 0
-    assert "Traceback" not in proc.stderr.read()
+    p = start_serve(tmp_path, engine=False, timeout=60)
+    p.proc.send_signal(signal.SIGINT)
+    assert p.proc.wait(30) == 0
+    assert "Traceback" not in p.tail()
 
 
 def kvctl(stack: Stack, *args: str) -> subprocess.CompletedProcess:

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.test_e2e_serve import wait_until_ready
+from tests.cluster_procs import start_serve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -35,24 +33,16 @@ class Serve:
     proc: subprocess.Popen
     controller: str
     engine: str
+    log: Path
 
 
 @pytest.fixture(scope="module")
-def serve() -> Iterator[Serve]:
-    ports = [free_port() for _ in range(3)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvctl", "serve", "--port", str(ports[0]),
-         "--monitor-port", str(ports[1]), "--engine-port", str(ports[2])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    s = Serve(proc, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}")
+def serve(tmp_path_factory) -> Iterator[Serve]:
+    p = start_serve(tmp_path_factory.mktemp("serve"))
     try:
-        wait_until_ready(proc, s.engine + "/health")
-        yield s
+        yield Serve(p.proc, p.urls["api"], p.urls["engine"], p.log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        p.kill9()  # what it is doing at the end is not under test: no need to wait for it
 
 
 def counters(engine: str) -> dict[str, float]:
@@ -142,5 +132,5 @@ def test_sigterm_during_generation_exits_promptly(serve: Serve):
         assert serve.proc.wait(20) == 0
     finally:
         conn.close()
-    err = serve.proc.stderr.read()
+    err = serve.log.read_text()
     assert "Traceback" not in err, err

@@ -7,10 +7,8 @@ engine under uvicorn in-process; the CLI runs as a real subprocess.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ import pytest
 from kvctl.server.config import ConfigError, ServerSettings, build_settings
 from kvctl.server.engine.core import Engine, create_engine_app
 from kvctl.server.http.auth import check_exposure
+from tests.cluster_procs import Proc, start_serve
 from tests.conftest import free_port
 from tests.test_hardening_server import redis_with_password, serve  # noqa: F401 (fixture)
 
@@ -38,7 +37,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Served:
-    proc: subprocess.Popen
+    proc: Proc
     controller: str
     monitor: str
     redis_password: str
@@ -48,35 +47,14 @@ class Served:
 @pytest.fixture
 def served(redis_with_password, tmp_path) -> Iterator[Served]:  # noqa: F811
     url, password, redis_proc = redis_with_password
-    ports = [free_port(), free_port()]
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"remote_url: {url}\nchunk_size: 16\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvctl", "serve", "--config", str(cfg), "--model", "none",
-         "--port", str(ports[0]), "--monitor-port", str(ports[1]), "--access-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=clean_env(KVCTL_AUTH_TOKEN=TOKEN))
-    s = Served(proc, *(f"http://127.0.0.1:{p}" for p in ports), password, redis_proc)
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(s.monitor + "/healthz", headers=bearer(), timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "kvctl serve did not start"
-        time.sleep(0.2)
+    p = start_serve(tmp_path, "--config", str(cfg), "--access-log", engine=False,
+                    env=clean_env(KVCTL_AUTH_TOKEN=TOKEN), headers=bearer(), timeout=90)
     try:
-        yield s
+        yield Served(p, p.urls["api"], p.urls["monitor"], password, redis_proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        p.stop()
 
 
 def kvctl(controller: str, *args: str, token: str | None = None
@@ -120,8 +98,8 @@ def test_every_port_requires_the_token_and_nothing_leaks(served: Served):
     outputs += [r.stdout, r.stderr]
     outputs.append(httpx.get(served.controller + "/events", headers=bearer()).text)
     outputs.append(httpx.get(served.monitor + "/metrics", headers=bearer()).text)
-    served.proc.send_signal(signal.SIGINT)
-    logs, _ = served.proc.communicate(timeout=60)
+    served.proc.stop()
+    logs = served.proc.log.read_text()
     outputs.append(logs)
     everything = "\n".join(outputs)
     assert "127.0.0.1" in everything and "401" in logs  # failures and refusals were logged
@@ -182,3 +160,33 @@ def test_weak_token_is_refused_without_echoing_it(monkeypatch):
     assert build_settings(None, {}).auth_token == TOKEN
     assert build_settings(None, {"auth_token": TOKEN + "-flag"}).auth_token == TOKEN + "-flag"
     assert TOKEN not in repr(build_settings(None, {}))
+
+
+def test_401_reads_whole_and_the_cli_takes_the_token_from_its_settings_file(cli_env):
+    """The 401 detail survives the masking every response goes through, and the CLI sends
+    the settings file's auth_token (which `config show` never prints)."""
+    import json
+
+    from kvctl.server.http.app import create_app
+    from tests.cliutil import run_cli, serve_app
+
+    app = create_app(ServerSettings(model="none", auth_token=TOKEN))
+    with serve_app(app) as url:
+        for headers, why in (({}, "has no Authorization header"),
+                             (bearer("kvctl-test-token-wrong-guess"), "does not carry")):
+            detail = httpx.get(url + "/events", headers=headers).json()["detail"]
+            assert "***" not in detail, detail
+            assert detail.startswith("authentication required: the ") and why in detail
+            assert "Authorization: Bearer <token>" in detail and "KVCTL_AUTH_TOKEN" in detail
+
+        r = run_cli("events", "list", "--controller", url, expected_exit_code=2)
+        assert "authentication required" in r.stderr and "***" not in r.stderr
+        assert "HTTP 401" in r.stderr and "auth_token" in r.stderr
+
+        cli_env.write_text(f"auth_token: {TOKEN}\n")
+        r = run_cli("events", "list", "--controller", url)
+        assert r.stdout == "no events\n"
+        r = run_cli("config", "show", "--json")
+        assert TOKEN not in r.stdout + r.stderr
+        shown = json.loads(r.stdout)["settings"]["auth_token"]
+        assert shown == {"value": "(set)", "source": str(cli_env)}

@@ -395,3 +395,17 @@ def test_redis_password_never_leaves_the_server(redis_with_password, caplog):
             assert password not in joined
             assert password not in caplog.text
             assert password not in json.dumps([r.getMessage() for r in caplog.records])
+
+
+def test_error_tables_are_derived_from_the_classes():
+    from kvctl.server import errors
+    from kvctl.server.http.app import ERROR_STATUS, error_response
+
+    assert set(errors.ERRORS_BY_KIND.values()) == set(ERROR_STATUS) == set(errors.ERRORS)
+    for cls in errors.ERRORS:
+        assert errors.error_from_kind(cls.kind, "x").__class__ is cls
+        r = error_response(cls("what to fix"))
+        assert r.status_code == cls.http_status and 400 <= r.status_code < 600
+    assert error_response(errors.Busy("wait")).headers["retry-after"] == "1"
+    # a kind the controller does not know comes back as the base class (a 500)
+    assert type(errors.error_from_kind("from-the-future", "x")) is errors.DomainError

@@ -124,10 +124,69 @@ def test_truncated_blob(tmp_path, kv):
     assert "its header says" in res.stderr
 
 
-def test_missing_file_and_directory(tmp_path):
+def test_missing_file_and_empty_directory(tmp_path):
     res = kvctl("inspect", str(tmp_path / "nope.kvc"))
     assert res.exit_code == 1
     assert res.stderr.strip() == f"error: {tmp_path / 'nope.kvc'}: no such file"
     res = kvctl("inspect", str(tmp_path))
-    assert res.exit_code == 1
-    assert "not a regular file" in res.stderr
+    assert res.exit_code == 0 and res.stdout == f"{tmp_path}: no chunk files (0 other file(s))\n"
+
+
+def test_a_directory_is_summarized_per_method(tmp_path, kv):
+    d = tmp_path / "l2"
+    (d / "sub").mkdir(parents=True)
+    write(d / "a.kvc", get_codec("cachegen").encode(kv))
+    write(d / "sub" / "b.kvc", get_codec("cachegen").encode(kv[:, :, :16]))
+    write(d / "c.kvc", get_codec("int8").encode(kv))
+    bad = bytearray(get_codec("int8").encode(kv))
+    bad[-6] ^= 0x10
+    write(d / "d.kvc", bytes(bad))
+    write(d / "README", b"not a chunk\n")
+    write(d / ".c.kvc.1234.tmp", b"a write in progress")
+    res = kvctl("inspect", str(d), "--json")
+    assert res.exit_code == 1 and "1 chunk file(s) fail their checksum: d.kvc" in res.stderr
+    data = json.loads(res.stdout)
+    assert data["files"] == 5 and data["not_chunks"] == 1
+    assert data["not_chunks_named"] == ["README"]
+    assert data["checksum_mismatches_named"] == ["d.kvc"]
+    cg, i8 = data["by_method"]["cachegen"], data["by_method"]["int8"]
+    assert (cg["chunks"], cg["tokens"], i8["chunks"], i8["tokens"]) == (2, 48, 2, 64)
+    assert cg["bytes"] == (d / "a.kvc").stat().st_size + (d / "sub" / "b.kvc").stat().st_size
+    assert cg["ratio_vs_fp16"] == pytest.approx(cg["fp16_bytes"] / cg["bytes"])
+    res = kvctl("inspect", str(d))
+    cells = [[c.strip() for c in ln.split("│") if c.strip()] for ln in res.stdout.splitlines()]
+    rows = [c[:3] for c in cells if c[:1] in (["cachegen"], ["int8"])]
+    assert rows == [["cachegen", "2", "48"], ["int8", "2", "64"]], res.stdout
+
+
+def test_full_hash_and_path_at_80_columns(tmp_path, kv, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    name = ("HuggingFaceTB-SEP-SmolLM2-135M-Instruct@0x02010201@0@" + "cd" * 32 + ".kvc")
+    path = write(tmp_path / name, get_codec("cachegen").encode(kv))
+    res = kvctl("inspect", str(path))
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert any(ln.split() == ["chunk", "hash", "cd" * 32] for ln in lines), res.stdout
+    assert any(ln.split() == ["file", str(path)] for ln in lines), res.stdout
+
+
+def test_a_chunk_in_redis_by_key_and_a_summary(redis_proc, kv, cli_env):
+    from kvctl.server.storage.remote import RemoteBackend
+
+    remote = RemoteBackend(redis_proc.url, "node-a")
+    try:
+        remote.put("k1", get_codec("cachegen").encode(kv), 32)
+        remote.put("k2", get_codec("kivi", bits=2).encode(kv), 32)
+    finally:
+        remote.close()
+    res = kvctl("inspect", redis_proc.url, "k1", "--instance-id", "node-a", "--json")
+    assert res.exit_code == 0, res.output
+    facts = json.loads(res.stdout)
+    assert facts["redis_key"] == "kvctl:node-a:c:k1" and facts["method"] == "cachegen"
+    assert facts["shape"] == list(SHAPE) and facts["checksum_ok"] is True
+    res = kvctl("inspect", redis_proc.url, "--instance-id", "node-a", "--json")
+    data = json.loads(res.stdout)
+    assert data["chunks"] == 2 and {m: r["chunks"] for m, r in data["by_method"].items()} == {
+        "cachegen": 1, "kivi-2": 1}
+    res = kvctl("inspect", redis_proc.url, "nope", "--instance-id", "node-a")
+    assert res.exit_code == 1 and "no chunk 'kvctl:node-a:c:nope'" in res.stderr

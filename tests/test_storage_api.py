@@ -135,7 +135,10 @@ async def test_metrics_per_tier_and_decompress_under_the_decoded_codec(tmp_path)
     assert hits[mem] == 0 and hits[disk] == 2 and misses[mem] == 2 and misses[disk] == 0
     assert chunks[(("method", "kivi-4"), ("op", "decompress"))] == 2
     assert (("method", "cachegen"), ("op", "decompress")) not in chunks
-    assert by_codec[(("codec", "raw"), ("location", "LocalDiskBackend"))] == 4 * chunk_bytes
+    # a's two chunks went through kivi-4 and back: their raw blobs carry that history
+    decoded_bytes = len(get_codec("raw").encode(kv_for(CHUNK), history=["kivi-4"]))
+    assert by_codec[(("codec", "raw"), ("location", "LocalDiskBackend"))] == (
+        2 * chunk_bytes + 2 * decoded_bytes)
     assert by_codec[(("codec", "raw"), ("location", "LocalCPUBackend"))] == 2 * chunk_bytes
 
 
@@ -253,3 +256,91 @@ async def test_redis_down_leaves_memory_serving_and_tiers_recover(redis_proc, mo
         assert rt.store_kv(ids, kv_for(128)) == 2  # only Redis lacked them
         r = await api.post("/lookup", json={"tokens": ids})
         assert r.json()["tiers"] == {INSTANCE: {"LocalCPUBackend": 128, "RemoteBackend": 128}}
+
+
+def _hold_jobs(api):
+    """Keep the worker's job thread busy until the returned event is set, so that jobs
+    scheduled meanwhile wait in its queue (max codec_threads=1 job runs at a time)."""
+    import threading
+
+    gate = threading.Event()
+    api.runtime._pool.submit(gate.wait, 120)
+    return gate
+
+
+async def test_lossy_guard_decides_when_the_job_runs(api):
+    ids = list(range(200))
+    api.runtime.store_kv(ids, kv_for(200))
+    gate = _hold_jobs(api)
+    first = await compress(api, "kivi-2", ids)
+    # the chunks are raw when these are scheduled, kivi-2 when they run
+    unforced = await compress(api, "cachegen", ids)
+    forced = await compress(api, "cachegen", ids, force=True)
+    assert [r.status_code for r in (first, unforced, forced)] == [200, 200, 200]
+    gate.set()
+    assert (await ended(api, first.json()["event_id"]))["status"] == "finished"
+    ev = await ended(api, unforced.json()["event_id"])
+    assert ev["status"] == "failed" and ev["chunks_done"] == 0
+    assert "chunk 0 (tokens 0-64) in LocalCPUBackend already went through the lossy kivi-2" \
+        in ev["error"] and "force" in ev["error"]
+    ev = await ended(api, forced.json()["event_id"])
+    assert ev["status"] == "finished" and ev["chunk_codecs"] == [["kivi-2", "cachegen"]] * 4
+    assert ev["warning"] == ("forced: 4 of 4 chunks were already lossy (4 with kivi-2); their "
+                             "cachegen encoding carries both losses")
+
+
+async def test_decompress_keeps_the_loss_history_with_the_chunk(api):
+    from kvctl.codecs import peek_blob
+
+    ids = list(range(200))
+    api.runtime.store_kv(ids, kv_for(200))
+    mem = api.runtime.backends["LocalCPUBackend"]
+    key = api.runtime.refs(ids)[0].key
+
+    async def run(path: str, method: str, **kw) -> dict:
+        r = await api.post(path, json={"instance_id": INSTANCE, "method": method,
+                                       "location": "LocalCPUBackend", "tokens": ids, **kw})
+        assert r.status_code == 200, r.text
+        return await ended(api, r.json()["event_id"])
+
+    assert (await run("/compress", "kivi-2"))["status"] == "finished"
+    assert (await run("/decompress", "kivi-2"))["status"] == "finished"
+    info = peek_blob(mem.get(key))
+    assert info.codec == "raw" and info.history == ("kivi-2",)
+    # raw now, but the chunk remembers kivi-2: another lossy method is refused
+    ev = await run("/compress", "cachegen")
+    assert ev["status"] == "failed" and "kivi-2" in ev["error"]
+    # the same method again is no new loss
+    assert (await run("/compress", "kivi-2"))["warning"] is None
+    assert peek_blob(mem.get(key)).history == ("kivi-2",)
+    await run("/decompress", "kivi-2")
+    ev = await run("/compress", "cachegen", force=True)
+    assert ev["status"] == "finished" and "4 with kivi-2" in ev["warning"]
+    await run("/decompress", "cachegen")
+    assert peek_blob(mem.get(key)).history == ("kivi-2", "cachegen")
+
+
+def test_blob_history_round_trips_and_is_bounded():
+    import zlib
+
+    from kvctl.codecs import CodecError, decode_blob, get_codec, peek_blob
+
+    kv = kv_for(8)
+    plain = get_codec("int8").encode(kv)
+    assert peek_blob(plain).history == () and b"history" not in plain
+    blob = get_codec("int8").encode(kv, history=["kivi-2", "cachegen"])
+    assert peek_blob(blob, verify=True).history == ("kivi-2", "cachegen")
+    assert torch.equal(decode_blob(blob), decode_blob(plain))
+    with pytest.raises(CodecError, match="history"):
+        get_codec("raw").encode(kv, history=["m"] * 17)
+    # a forged header (checksum recomputed) whose history is not a list of names
+    from kvctl.codecs import blob as fmt
+
+    info, payload = fmt.unpack(plain)
+    header = json.dumps({"codec": info.codec, "params": info.params, "shape": info.shape,
+                         "dtype": info.dtype, "history": [1]}).encode()
+    body = (fmt._PREFIX.pack(fmt.MAGIC, fmt.FORMAT_VERSION, 0, len(header)) + header
+            + fmt._PAYLEN.pack(len(payload)) + bytes(payload))
+    forged = body + fmt._CRC.pack(zlib.crc32(body))
+    with pytest.raises(CodecError, match="history"):
+        peek_blob(forged, verify=True)

@@ -128,9 +128,12 @@ def test_tokenize_command_json(llama3):
 
 
 def test_tokenize_command_plain_and_stdin(llama3):
-    r = CliRunner().invoke(app, ["tokenize", "-t", "llama3", "-"], input=SEED_PROMPT + "\n")
+    r = CliRunner().invoke(app, ["tokenize", "-t", "llama3", "-"], input=SEED_PROMPT)
     assert r.exit_code == 0
     assert r.stdout.strip() == ",".join(map(str, SEED_IDS)) and "12 tokens" in r.stderr
+    # stdin is read exactly: a final newline is part of the prompt (".\n" is one token)
+    r = CliRunner().invoke(app, ["tokenize", "-t", "llama3", "-"], input=SEED_PROMPT + "\n")
+    assert r.stdout.strip() == ",".join(map(str, [*SEED_IDS[:-1], 627]))
 
 
 def test_tokenize_bad_tokenizer_is_one_line():

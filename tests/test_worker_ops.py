@@ -62,12 +62,13 @@ def test_errors_carry_detail_and_kind(worker, prose_ids):
     assert r.status_code == 400 and r.json()["kind"] == "unknown_method"
     assert "nope" in r.json()["detail"] and "lookup" in r.json()["detail"]
 
+    # bodies are checked with the controller's own schemas: 422 as the controller answers
     r = httpx.post(f"{url}/worker/ops/lookup", content=b"{not json", timeout=30)
-    assert r.status_code == 400 and "not JSON" in r.json()["detail"]
+    assert r.status_code == 422 and "Invalid JSON" in r.json()["detail"]
     r = _op(url, "lookup", [1, 2, 3])
-    assert r.status_code == 400 and "JSON object" in r.json()["detail"]
+    assert r.status_code == 422 and "should be an object" in r.json()["detail"]
     r = _op(url, "chunk_plan", {"tokens": prose_ids})  # no location
-    assert r.status_code == 400 and "malformed chunk_plan" in r.json()["detail"]
+    assert r.status_code == 422 and "location: Field required" in r.json()["detail"]
     r = _op(url, "chunk_plan", {"location": "Nowhere", "tokens": prose_ids})
     assert r.status_code == 404 and r.json()["kind"] == "unknown_location"
     r = _op(url, "compress", {**_compress_body(prose_ids), "instance_id": "other"})

@@ -49,10 +49,10 @@ def parse_token_ids(text: str, source: str = "--tokens") -> list[int]:
 
 
 def read_prompt(prompt: str) -> str:
+    """The prompt text; ``-`` reads stdin exactly as it is, a final newline included: a
+    prompt file sent to the engine had it too, and its tokens count."""
     if prompt == "-":
-        text = sys.stdin.read()
-        # a trailing newline from `echo` is not part of the prompt
-        return text[:-1] if text.endswith("\n") else text
+        return sys.stdin.read()
     return prompt
 
 
@@ -111,7 +111,8 @@ class Operation:
     location: str
     call: Callable[[ControllerClient, list[int]], dict[str, Any]]
     wait: bool = False
-    # print the event's own warning (compress --force: chunks re-encoded by a lossy codec)
+    # with --wait, print the ended event's warning (compress --force: chunks that another
+    # lossy codec went through); without, `kvctl events show` has it
     show_warning: bool = False
 
 
@@ -125,16 +126,13 @@ def run_operation(st: State, op: Operation, ids: list[int]) -> None:
             if st.out.json:
                 st.out.print_json(reply)
             raise Rejected(f"nothing matched: none of the {len(ids)} tokens has stored KV in "
-                           f"{op.location} for {st.settings.instance_id}, so nothing was "
+                           f"{op.location} for {st.instance_id()}, so nothing was "
                            f"scheduled (`kvctl lookup` shows where a prompt's KV is)")
         if isinstance(n, int) and n < len(ids):
             st.out.note(f"{n} of {len(ids)} tokens have stored KV in {op.location} (a stored "
                         "prefix, chunk by chunk); scheduling those")
-        if op.show_warning:
-            warning = client.event(str(reply["event_id"])).get("warning")
-            if warning:
-                st.out.warn(str(warning))
-        finish_op(st, client, reply, op.wait, f"{op.what} of {len(ids)} tokens scheduled")
+        finish_op(st, client, reply, op.wait, f"{op.what} of {len(ids)} tokens scheduled",
+                  op.show_warning)
 
 
 def wait_for(st: State, client: ControllerClient, reply: dict[str, Any]) -> dict[str, Any]:
@@ -157,27 +155,41 @@ def wait_for(st: State, client: ControllerClient, reply: dict[str, Any]) -> dict
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("chunks"), TimeElapsedColumn(), console=console,
                    transient=True, disable=not console.is_terminal)
+    last: dict[str, Any] = {}
+
+    def step() -> bool:
+        try:
+            ev = client.event(event_id)
+        except UntrackedEvents:
+            st.out.note(f"the controller at {client.base_url} does not track events "
+                        "(upstream LMCache's): it finished the operation before it "
+                        f"answered, so event {event_id} already ended")
+            last.update(event_id=event_id, status="finished",
+                        num_tokens=reply.get("num_tokens"), tracked=False)
+            return True
+        bar.update(task, total=ev.get("chunks_total") or None,
+                   completed=ev.get("chunks_done", 0),
+                   description=escape(f"{event_id} {ev.get('status')}"))
+        last.clear()
+        last.update(ev)
+        return ev.get("status") in ENDED
+
+    with bar:
+        task = bar.add_task(escape(f"{event_id} queued"), total=None)
+        poll_until(step, f"stopped waiting; event {event_id} keeps running on the controller "
+                         f"(kvctl events watch {event_id})")
+    return last
+
+
+def poll_until(step: Callable[[], bool], interrupted: str) -> None:
+    """Call ``step`` every POLL_SECONDS until it returns True: how every command follows
+    events. Ctrl-C stops the following, never the jobs: ``interrupted`` says so (exit 130).
+    """
     try:
-        with bar:
-            task = bar.add_task(escape(f"{event_id} queued"), total=None)
-            while True:
-                try:
-                    ev = client.event(event_id)
-                except UntrackedEvents:
-                    st.out.note(f"the controller at {client.base_url} does not track events "
-                                "(upstream LMCache's): it finished the operation before it "
-                                f"answered, so event {event_id} already ended")
-                    return {"event_id": event_id, "status": "finished",
-                            "num_tokens": reply.get("num_tokens"), "tracked": False}
-                total = ev.get("chunks_total")
-                bar.update(task, total=total or None, completed=ev.get("chunks_done", 0),
-                           description=escape(f"{event_id} {ev.get('status')}"))
-                if ev.get("status") in ENDED:
-                    return ev
-                time.sleep(POLL_SECONDS)
+        while not step():
+            time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        raise KvctlError(f"stopped waiting; event {event_id} keeps running on the controller "
-                         f"(kvctl events watch {event_id})", EXIT_INTERRUPTED) from None
+        raise KvctlError(interrupted, EXIT_INTERRUPTED) from None
 
 
 def report_event(st: State, ev: dict[str, Any]) -> None:
@@ -191,10 +203,14 @@ def report_event(st: State, ev: dict[str, Any]) -> None:
 
 
 def finish_op(st: State, client: ControllerClient, reply: dict[str, Any], wait: bool,
-              what: str) -> None:
-    """Common tail of the mutating commands: print the reply, or follow the event."""
+              what: str, show_warning: bool = False) -> None:
+    """Common tail of the mutating commands: print the reply, or follow the event (and
+    print its warning, which the job sets when it runs: compress --force)."""
     if wait:
-        report_event(st, wait_for(st, client, reply))
+        ev = wait_for(st, client, reply)
+        if show_warning and ev.get("warning"):
+            st.out.warn(str(ev["warning"]))
+        report_event(st, ev)
         return
     event_id = str(reply["event_id"])
     st.out.result(reply, lambda: None)

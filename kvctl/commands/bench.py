@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,9 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from kvctl.common.defaults import DEFAULT_MODEL, debug
 from kvctl.errors import EXIT_USAGE, KvctlError, UsageError
+from kvctl.output import Output
+from kvctl.state import state
 
 if TYPE_CHECKING:
+    from rich.console import Group
+
     from kvctl.common.bench import BenchReport, SuiteReport
 
 
@@ -22,6 +26,7 @@ def _fail(msg: str, code: int) -> NoReturn:
 
 
 def bench(
+    ctx: typer.Context,
     text: Annotated[Path | None, typer.Option(
         "--text", dir_okay=False,
         help="Held-out prose the embedded model reads (default: the bundled held-out text).")
@@ -87,6 +92,8 @@ def bench(
         except CodecError as exc:
             _fail(str(exc), 2)
     cmd = "kvctl " + " ".join(sys.argv[1:]) if sys.argv[1:] else "kvctl bench"
+    out = Output(json=as_json or state(ctx).out.json)
+    say = _progress(out)
     try:
         from kvctl.common import bench as b
         from kvctl.common.model import BUILTIN_MODELS, ModelNotFoundError
@@ -95,7 +102,7 @@ def bench(
             kinds = b.suite_kinds(texts, kind)
             models = list(dict.fromkeys(model or BUILTIN_MODELS))
             report: Any = b.run_suite(models, methods, kinds, prefix, continuation, chunk_size,
-                                      repeats, progress=_progress())
+                                      repeats, progress=say)
             if plot is not None:
                 b.suite_plot(report, plot)
             if markdown is not None:
@@ -104,23 +111,23 @@ def bench(
             if kv is not None:
                 work = b.kv_file_workload(kv, chunk_size)
             else:
-                work = b.text_workload(text, prefix, continuation, chunk_size,
-                                       model=(model or ["smollm2"])[0])
-            report = b.run_bench(work, methods, repeats, chunk_size)
+                name = (model or [DEFAULT_MODEL])[0]
+                say(f"{name}: loading, then reading the text (exact KV and reference logits)")
+                work = b.text_workload(text, prefix, continuation, chunk_size, model=name)
+            say(f"{len(methods)} codecs, {repeats} timed run(s) each")
+            report = b.run_bench(work, methods, repeats, chunk_size, progress=say)
             if plot is not None:
                 b.plot(report, plot)
             if markdown is not None:
                 _write(markdown, b.markdown(report, cmd))
     except (b.BenchError, ModelNotFoundError, CodecError, OSError) as exc:
-        if os.environ.get("KVCTL_DEBUG") == "1":
+        if debug():
             raise
         _fail(str(exc), 1)
-    if as_json:
-        typer.echo(report.to_json())
-    elif suite:
-        _print_suite(report)
-    else:
-        _print_single(report)
+    import json
+
+    out.result(json.loads(report.to_json()), lambda: _suite_tables(report) if suite
+               else _single_table(report))
 
 
 def _write(path: Path, content: str) -> None:
@@ -129,20 +136,21 @@ def _write(path: Path, content: str) -> None:
     atomic_write(path, content.encode("utf-8"), durable=False)
 
 
-def _progress() -> Any:
-    """One stderr line per model load and per text, with the time since the start."""
+def _progress(out: Output) -> Any:
+    """One stderr line per step (model load, text, codec), with the time since the start."""
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
-        typer.echo(f"[{time.perf_counter() - t0:6.0f} s] {msg}", err=True)
+        out.note(f"[{time.perf_counter() - t0:6.0f} s] {msg}")
 
     return say
 
 
-def _print_single(report: BenchReport) -> None:
+def _single_table(report: BenchReport) -> Group:
     from rich import box
-    from rich.console import Console
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     from kvctl.common import bench as b
 
@@ -155,22 +163,24 @@ def _print_single(report: BenchReport) -> None:
         table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in b.table_rows(report):
         table.add_row(*row)
-    console = Console()
-    console.print(table)
+    parts: list[Any] = [table]
     if report.reference_ppl is not None:
-        console.print(f"fidelity: next {report.continuation} tokens read through the decoded "
-                      f"{report.prefix}-token prefix vs the exact fp16 KV (reference "
-                      f"perplexity {report.reference_ppl:.3f}); throughput on one thread")
+        parts.append(Text(f"fidelity: next {report.continuation} tokens read through the "
+                          f"decoded {report.prefix}-token prefix vs the exact fp16 KV "
+                          f"(reference perplexity {report.reference_ppl:.3f}); throughput on "
+                          "one thread"))
+    return Group(*parts)
 
 
-def _print_suite(report: SuiteReport) -> None:
+def _suite_tables(report: SuiteReport) -> Group:
     from rich import box
-    from rich.console import Console
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     from kvctl.common import bench as b
 
-    console = Console()
+    parts: list[Any] = []
     for mod in report.models:
         table = Table(title=f"{mod.name}: {len(report.texts)} texts, KV {mod.kv_shape}",
                       box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -178,9 +188,10 @@ def _print_suite(report: SuiteReport) -> None:
             table.add_column(h, justify="left" if i in (0, 6) else "right", no_wrap=True)
         for row in b.suite_table_rows(report, mod.model):
             table.add_row(row[0], *row[2:-1])
-        console.print(table)
-    console.print(f"texts: {', '.join(report.texts)}. top-1, ppl Δ: mean over texts; worst: "
-                  f"the worst text's top-1. Next {report.continuation} tokens "
-                  f"read through the decoded {report.prefix}-token prefix vs the exact fp16 KV; "
-                  f"enc/dec: MB/s on one thread, median over texts. "
-                  f"{report.seconds / 60:.1f} min.")
+        parts.append(table)
+    parts.append(Text(f"texts: {', '.join(report.texts)}. top-1, ppl Δ: mean over texts; "
+                      f"worst: the worst text's top-1. Next {report.continuation} tokens read "
+                      f"through the decoded {report.prefix}-token prefix vs the exact fp16 "
+                      f"KV; enc/dec: MB/s on one thread, median over texts. "
+                      f"{report.seconds / 60:.1f} min."))
+    return Group(*parts)

@@ -9,12 +9,15 @@ import typer
 from kvctl.commands._common import Operation, TokenInput, finish_op, run_operation
 from kvctl.errors import EXIT_FAILURE, UsageError
 from kvctl.options import (
+    CacheSaltOpt,
     LocationOpt,
     MethodOpt,
+    ModelNameOpt,
     PromptArg,
     TokensFileOpt,
     TokensOpt,
     WaitOpt,
+    WorldSizeOpt,
 )
 from kvctl.output import kv_table
 from kvctl.settings import DEFAULT_LOCATION, DEFAULT_METHOD
@@ -39,7 +42,7 @@ def compress(
     """
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     run_operation(st, Operation("compress", location, wait=wait, show_warning=force,
                                 call=lambda c, t: c.compress(inst, method, location, t,
                                                              force=force)), ids)
@@ -60,7 +63,7 @@ def decompress(
     """
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     run_operation(st, Operation("decompress", location, wait=wait,
                                 call=lambda c, t: c.decompress(inst, method, location, t)), ids)
 
@@ -70,13 +73,24 @@ def lookup(
     prompt: PromptArg = None,
     tokens: TokensOpt = None,
     tokens_file: TokensFileOpt = None,
+    model_name: ModelNameOpt = None,
+    world_size: WorldSizeOpt = 1,
+    cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Show where the longest stored prefix of a prompt's KV lives, tier by tier (exit 2 if
-    nowhere)."""
+    nowhere).
+
+    With --coordinator: every chunk's placements on the MP fleet, per instance and tier.
+    """
     from kvctl.errors import Rejected
 
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
+    if st.settings.coordinator:
+        from kvctl.commands import fleet
+
+        fleet.lookup(st, ids, model_name, world_size, cache_salt)
+        return
     with st.client() as client:
         reply = client.lookup(ids)
     layout = reply.get("layout_info") or {}
@@ -104,13 +118,14 @@ def clear(
     """Remove every chunk from a location (asks first unless --yes)."""
     st = state(ctx)
     s = st.settings
+    inst = st.instance_id()
     if not yes:
-        if not typer.confirm(f"Remove every chunk of {s.instance_id} in {location} at "
+        if not typer.confirm(f"Remove every chunk of {inst} in {location} at "
                              f"{s.controller}?", err=True, default=False):
             st.out.note("nothing removed")
             raise typer.Exit(EXIT_FAILURE)
     with st.client() as client:
-        reply = client.clear(s.instance_id, location)
+        reply = client.clear(inst, location)
         finish_op(st, client, reply, wait, f"clear of {location} scheduled")
 
 
@@ -121,11 +136,19 @@ def pin(
     tokens_file: TokensFileOpt = None,
     location: LocationOpt = DEFAULT_LOCATION,
     wait: WaitOpt = False,
+    model_name: ModelNameOpt = None,
+    world_size: WorldSizeOpt = 1,
+    cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Protect a prompt's stored KV from eviction (exit 2 if nothing is stored)."""
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    if st.settings.coordinator:  # an MP fleet: pins are the coordinator's, fleet-wide
+        from kvctl.commands import fleet
+
+        fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=False)
+        return
+    inst = st.instance_id()
     run_operation(st, Operation("pin", location, wait=wait,
                                 call=lambda c, t: c.pin(inst, location, t)), ids)
 
@@ -137,11 +160,19 @@ def unpin(
     tokens_file: TokensFileOpt = None,
     location: LocationOpt = DEFAULT_LOCATION,
     wait: WaitOpt = False,
+    model_name: ModelNameOpt = None,
+    world_size: WorldSizeOpt = 1,
+    cache_salt: CacheSaltOpt = "",
 ) -> None:
     """Let a prompt's stored KV be evicted again (kvctl's server only)."""
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    if st.settings.coordinator:  # an MP fleet: pins are the coordinator's, fleet-wide
+        from kvctl.commands import fleet
+
+        fleet.pin(st, ids, model_name, world_size, cache_salt, unpin=True)
+        return
+    inst = st.instance_id()
     run_operation(st, Operation("unpin", location, wait=wait,
                                 call=lambda c, t: c.unpin(inst, location, t)), ids)
 
@@ -167,7 +198,7 @@ def move(
         raise UsageError("move needs a destination: --to LOCATION")
     st = state(ctx)
     ids = TokenInput(prompt, tokens, tokens_file).ids(st)
-    inst = st.settings.instance_id
+    inst = st.instance_id()
     dest = to_instance or inst
     if (inst, source) == (dest, to):
         raise UsageError(f"source and destination are both {inst}/{to}")

@@ -26,7 +26,9 @@ def show(ctx: typer.Context) -> None:
 
 
 @app.command()
-def path() -> None:
+def path(ctx: typer.Context) -> None:
     """Print the path of the settings file (keys: controller, timeout, tokenizer,
-    instance_id; YAML)."""
-    typer.echo(str(config_path()))
+    instance_id, auth_token; YAML)."""
+    st = state(ctx)
+    p = config_path()
+    st.out.result({"config_file": str(p), "exists": p.is_file()}, lambda: str(p))

@@ -6,15 +6,14 @@ tables show); the controller resolves prefixes.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
 
 from kvctl.client import ControllerClient
-from kvctl.commands._common import POLL_SECONDS
+from kvctl.commands._common import poll_until
 from kvctl.common.events import ENDED, STATUSES
-from kvctl.errors import EXIT_INTERRUPTED, GLOBAL_OPTIONS_HELP, KvctlError, UsageError
+from kvctl.errors import GLOBAL_OPTIONS_HELP, KvctlError, UsageError
 from kvctl.output import event_details, events_table
 from kvctl.state import state
 
@@ -81,22 +80,25 @@ def watch(
             st.out.result([], lambda: None)
             return
         console = st.out.err_console() if st.out.json else st.out.out_console()
-        try:
-            with Live(events_table(events.values()), console=console,
-                      auto_refresh=False) as live:
-                while True:
-                    pending = [i for i, ev in events.items() if ev.get("status") not in ENDED]
-                    if not pending:
-                        break
-                    time.sleep(POLL_SECONDS)
-                    for event_id in pending:
-                        events[event_id] = client.event(event_id)
-                    if watch_all:
-                        events.update(_new_events(client, seen))
-                    live.update(events_table(events.values()), refresh=True)
-        except KeyboardInterrupt:
-            raise KvctlError("stopped watching; the events keep running on the controller",
-                             EXIT_INTERRUPTED) from None
+
+        def pending() -> list[str]:
+            return [i for i, ev in events.items() if ev.get("status") not in ENDED]
+
+        def step() -> bool:
+            for event_id in pending():
+                events[event_id] = client.event(event_id)
+            if watch_all:
+                events.update(_new_events(client, seen))
+            live.update(events_table(events.values()), refresh=True)
+            return not pending()
+
+        with Live(events_table(events.values()), console=console, auto_refresh=False) as live:
+            if pending():
+                poll_until(step, "stopped watching; the events keep running on the controller")
+        if not console.is_terminal:
+            # Live leaves its last frame without a final newline when it is not drawing on
+            # a terminal: a file or a pipe gets a last line like any other
+            console.line()
     st.out.result(list(events.values()), lambda: None)
     failed = [ev for ev in events.values() if ev.get("status") == "failed"]
     if failed:
@@ -113,15 +115,28 @@ def list_events(
     limit: Annotated[int | None, typer.Option(
         "--limit", "-n", min=1, metavar="N", show_default=False,
         help="Only the N most recent.")] = None,
+    instance: Annotated[str | None, typer.Option(
+        "--instance", "-i", metavar="ID", show_default=False,
+        help="Only events of this instance.")] = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", "-m", metavar="METHOD", show_default=False,
+        help="Only events with this method (kivi-2), or any level of a codec (kivi).")
+    ] = None,
 ) -> None:
-    """List recent events, oldest first, with short ids."""
+    """List recent events, oldest first, with short ids, instance and error."""
     if status is not None and status not in STATUSES:
         raise UsageError(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
+    for flag, value in (("--instance", instance), ("--method", method)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} needs a value, got an empty string")
     st = state(ctx)
     with st.client() as client:
-        events = client.events(status, limit)
-    st.out.result(events, lambda: events_table(events) if events else
-                  "no events" + (f" with status {status}" if status else ""))
+        events = client.events(status, limit, instance, method)
+    wanted = ", ".join(f"{k} {v}" for k, v in (("status", status), ("instance", instance),
+                                                ("method", method)) if v)
+    st.out.result(events, lambda: events_table(events, wide=True,
+                                               width=st.out.out_console().width) if events else
+                  "no events" + (f" with {wanted}" if wanted else ""))
 
 
 @app.command()

@@ -15,7 +15,8 @@ from kvctl.state import state
 def tokenize(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(
-        metavar="PROMPT", help="Prompt text; '-' reads it from stdin.")],
+        metavar="PROMPT", help="Prompt text; '-' reads it from stdin exactly, a final "
+                               "newline included.")],
 ) -> None:
     """Tokenize a prompt locally (special tokens added, as vLLM's /tokenize does).
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvctl.common.defaults import DEFAULT_MODEL
+
 if TYPE_CHECKING:
     import torch
 
@@ -120,7 +122,7 @@ def split_chunks(kv: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
 
 def text_workload(text_path: Path | None, prefix: int = 512, continuation: int = 256,
                   chunk_size: int = 256, lm: LoadedModel | None = None,
-                  tokenizer: Any = None, model: str = "smollm2") -> Workload:
+                  tokenizer: Any = None, model: str = DEFAULT_MODEL) -> Workload:
     """Tokenize a text, build the exact fp16 prefix KV and the reference logits.
 
     ``model`` names the model loaded when ``lm``/``tokenizer`` are not given.
@@ -254,9 +256,11 @@ def default_methods() -> list[str]:
 
 
 def run_bench(work: Workload, methods: list[str] | None = None, repeats: int = 3,
-              chunk_size: int = 256) -> BenchReport:
+              chunk_size: int = 256, progress: Callable[[str], None] | None = None
+              ) -> BenchReport:
     """Every method on one workload; with a model, cachegen uses that model's step profile
-    (kvctl.common.calibration), as a worker running the model would."""
+    (kvctl.common.calibration), as a worker running the model would. ``progress`` gets
+    one line per method."""
     from kvctl.common.calibration import codec_for, load_profile, profile_for
 
     profile = None
@@ -271,8 +275,12 @@ def run_bench(work: Workload, methods: list[str] | None = None, repeats: int = 3
     report = BenchReport(source=work.source, shape=shape, chunk_size=chunk_size,
                          prefix=work.prefix, continuation=work.continuation,
                          reference_ppl=ref_ppl, machine=machine_info())
-    for m in methods or default_methods():
+    say = progress or (lambda _msg: None)
+    methods = methods or default_methods()
+    for i, m in enumerate(methods, 1):
+        t0 = time.perf_counter()
         report.results.append(evaluate(m, codec_for(m, profile), work, repeats))
+        say(f"{m} ({i}/{len(methods)}), {time.perf_counter() - t0:.1f} s")
     return report
 
 

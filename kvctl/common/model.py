@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvctl.common.defaults import DEFAULT_MODEL
 from kvctl.common.paths import cache_root, file_tag
 
 if TYPE_CHECKING:
@@ -117,11 +118,10 @@ class BuiltinModel:
 
 
 BUILTINS: dict[str, BuiltinModel] = {
-    "smollm2": BuiltinModel("smollm2", "SmolLM2-135M-Instruct", smollm2_gguf_path),
+    DEFAULT_MODEL: BuiltinModel(DEFAULT_MODEL, "SmolLM2-135M-Instruct", smollm2_gguf_path),
     "gemma3": BuiltinModel("gemma3", "gemma-3-270m", gemma3_gguf_path),
 }
 BUILTIN_MODELS = tuple(BUILTINS)
-DEFAULT_MODEL = "smollm2"
 
 
 def served_name(spec: str) -> str:

@@ -8,13 +8,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from kvctl.common.defaults import CACHE_DIR_ENV, XDG_CACHE_HOME_ENV, env
+
 
 def cache_root() -> Path:
     """Where kvctl keeps derived files (``$KVCTL_CACHE_DIR``, else ``~/.cache/kvctl``)."""
-    env = os.environ.get("KVCTL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    named = env(CACHE_DIR_ENV)
+    if named:
+        return Path(named).expanduser()
+    base = env(XDG_CACHE_HOME_ENV) or str(Path.home() / ".cache")
     return Path(base) / "kvctl"
 
 

@@ -19,10 +19,11 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from kvctl.common.defaults import DEFAULT_TOKENIZER as _DEFAULT_TOKENIZER
 from kvctl.common.paths import atomic_write, cache_root, file_tag
 
 BUILTIN_TOKENIZERS = ("smollm2", "gemma3", "llama3")  # the embedded models' and Llama 3's
-DEFAULT_TOKENIZER = "smollm2"  # the model `kvctl serve` runs
+DEFAULT_TOKENIZER = _DEFAULT_TOKENIZER  # the model `kvctl serve` runs
 
 LLAMA3_BOS = "<|begin_of_text|>"
 LLAMA3_EOS = "<|end_of_text|>"

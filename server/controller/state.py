@@ -13,11 +13,16 @@ and workers, and a controller killed and restarted finds them again:
   as ``dead`` until its lease runs out.
 
 A Redis that cannot be reached is a `StateUnavailable` (HTTP 503) at once: no retries, short
-timeouts.
+timeouts. One that stops answering (frozen, SIGSTOP) costs one short socket timeout; from then
+on every request gets the same 503 at once (the state is marked down) while a background
+ping waits for it to come back. The last outage is remembered (``outage``) so that the
+controller does not call a worker dead for heartbeats it could not write down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from abc import ABC, abstractmethod
@@ -46,8 +51,14 @@ class WorkerRecord:
     locations: list[dict[str, Any]] = field(default_factory=list)
     error_code: int = 0
     pid: int | None = None
+    # SHA-256 of the worker's lease (its credential for the instance), never the lease
+    lease_hash: str | None = None
+    # when the worker said it was stopping (a clean stop deregisters at once)
+    stopped_at: float | None = None
 
     def alive(self, dead_after_s: float, now: float | None = None) -> bool:
+        if self.stopped_at is not None:
+            return False
         return ((now or time.time()) - self.last_heartbeat) <= dead_after_s
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +119,12 @@ class ControlState(ABC):
     @abstractmethod
     async def list_workers(self) -> list[WorkerRecord]: ...
 
+    @abstractmethod
+    async def delete_worker(self, instance_id: str) -> None: ...
+
+    # (start, end) wall-clock times of the last outage of this state store, if any
+    outage: tuple[float, float] | None = None
+
     async def ping(self) -> None:  # noqa: B027 - in memory there is nothing to reach
         """Raise StateUnavailable if the state cannot be reached."""
 
@@ -154,6 +171,14 @@ class MemoryState(ControlState):
     async def list_workers(self) -> list[WorkerRecord]:
         return list(self._workers.values())
 
+    async def delete_worker(self, instance_id: str) -> None:
+        self._workers.pop(instance_id, None)
+
+
+# a frozen Redis costs this once, then the state is down (503 at once) until a ping answers
+SOCKET_TIMEOUT_S = 1.0
+PROBE_INTERVAL_S = 0.25
+
 
 class RedisState(ControlState):
     """Redis (or Valkey) at ``url``; see the module docstring for the keys."""
@@ -172,18 +197,50 @@ class RedisState(ControlState):
         # No retries and short timeouts: a request that needs state answers 503 at once
         # instead of waiting for a Redis that is gone.
         self._r: Any = aioredis.Redis.from_url(
-            url, socket_connect_timeout=0.5, socket_timeout=2.0, retry=Retry(NoBackoff(), 0))
+            url, socket_connect_timeout=SOCKET_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0))
+        self._down: str | None = None  # why, while the state is down
+        self._down_since = 0.0
+        self._probe: asyncio.Task[None] | None = None
+
+    def _unavailable(self, why: str) -> StateUnavailable:
+        return StateUnavailable(f"the controller's state store {self.description} is "
+                                f"unreachable ({why}); events and workers cannot be read or "
+                                "changed until it is back")
 
     async def _do(self, coro: Any) -> Any:
         import redis
 
+        if self._down is not None:
+            with contextlib.suppress(Exception):
+                coro.close()  # never awaited: the state is down
+            raise self._unavailable(self._down)
         try:
             return await coro
         except (redis.RedisError, OSError) as exc:
-            raise StateUnavailable(f"the controller's state store {self.description} is "
-                                   f"unreachable ({type(exc).__name__}: {exc}); events and "
-                                   "workers cannot be read or changed until it is back"
-                                   ) from None
+            why = f"{type(exc).__name__}: {exc}"
+            self._mark_down(why)
+            raise self._unavailable(why) from None
+
+    def _mark_down(self, why: str) -> None:
+        if self._down is None:
+            self._down, self._down_since = why, time.time()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
+
+    async def _wait_until_back(self) -> None:
+        import redis
+
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                await self._r.ping()
+            except (redis.RedisError, OSError) as exc:
+                self._down = f"{type(exc).__name__}: {exc}"
+                continue
+            self.outage = (self._down_since, time.time())
+            self._down = None
+            return
 
     def _ek(self, event_id: str) -> str:
         return f"{self._p}event:{event_id}"
@@ -234,6 +291,12 @@ class RedisState(ControlState):
         pipe.sadd(f"{self._p}workers", rec.instance_id)
         await self._do(pipe.execute())
 
+    async def delete_worker(self, instance_id: str) -> None:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.delete(self._wk(instance_id))
+        pipe.srem(f"{self._p}workers", instance_id)
+        await self._do(pipe.execute())
+
     async def get_worker(self, instance_id: str) -> WorkerRecord | None:
         raw = await self._do(self._r.get(self._wk(instance_id)))
         return WorkerRecord.from_dict(json.loads(raw)) if raw is not None else None
@@ -249,6 +312,10 @@ class RedisState(ControlState):
         return [WorkerRecord.from_dict(json.loads(r)) for r in raws if r is not None]
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._probe
         await self._r.aclose()
 
 

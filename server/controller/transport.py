@@ -1,9 +1,12 @@
-"""How the controller reaches a worker: one interface, two transports.
+"""How the controller reaches a worker: one interface, one transport per kind of worker.
 
 `InProcessTransport` calls the worker object of `kvctl serve` directly; `HttpTransport` talks
 to a `kvctl worker` process. Both dispatch through `kvctl.server.worker.ops.WORKER_OPS`, both
 raise the worker's domain errors as the same classes, and an unreachable or slow worker is a
 `WorkerUnavailable` after at most the configured timeout, never a hang.
+`kvctl.server.lmcache.transport.ZmqWorkerTransport` is the third: an LMCache 0.5.6 worker
+over its REP socket. It keeps no events (``runs_jobs`` False), so the controller runs and
+tracks the job (`kvctl.server.lmcache.fleet`) and ``call`` returns when the worker is done.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class WorkerTransport(ABC):
     """A channel to one worker."""
 
     url: str
+    # a kvctl worker schedules jobs and keeps their events; ``call`` answers at once
+    runs_jobs = True
 
     @abstractmethod
     async def call(self, op: str, body: dict[str, Any]) -> Any:

@@ -1,7 +1,7 @@
 """The controller app: `create_app(settings)` builds it; its lifespan owns the controller.
 
-`ERROR_STATUS` is the one table that turns domain errors into HTTP statuses, for the
-controller, the monitor and the worker apps alike.
+`error_response` answers a domain error with the HTTP status its class declares
+(`ERROR_STATUS`), for the controller, the monitor and the worker apps alike.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,34 +20,21 @@ from kvctl.server import errors
 from kvctl.server.config import ServerSettings
 from kvctl.server.controller import Controller, open_state
 from kvctl.server.http.limits import install_guards
-from kvctl.server.http.routers import cache, cluster, events
+from kvctl.server.http.metrics import install_request_metrics
+from kvctl.server.http.routers import cache, cluster, events, lmcache
 from kvctl.server.storage import StorageError
 from kvctl.server.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("kvctl.server")
 
 
+# derived from the classes (each declares its status): one table, never out of step
 ERROR_STATUS: dict[type[errors.DomainError], int] = {
-    errors.BadRequest: 400,
-    errors.UnknownMethod: 400,
-    errors.UnknownInstance: 404,
-    errors.UnknownLocation: 404,
-    errors.UnknownEvent: 404,
-    errors.ChecksumMismatch: 409,
-    errors.Conflict: 409,
-    errors.TooLarge: 413,
-    errors.Busy: 429,
-    errors.WorkerUnavailable: 503,
-    errors.StateUnavailable: 503,
-    errors.StoreUnavailable: 503,
-}
+    cls: cls.http_status for cls in errors.ERRORS}
 
 
 def status_of(exc: errors.DomainError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]  # type: ignore[index]
-    return 500
+    return exc.http_status
 
 
 def error_response(exc: errors.DomainError | StorageError) -> JSONResponse:
@@ -61,8 +49,13 @@ def error_response(exc: errors.DomainError | StorageError) -> JSONResponse:
 
 
 def describe_validation(exc: RequestValidationError) -> str:
+    return describe_errors(exc.errors())
+
+
+def describe_errors(errs: Any) -> str:
+    """Pydantic's errors as one sentence (``where: what; ...``), the first few only."""
     parts = []
-    for err in exc.errors():
+    for err in list(errs)[:10]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {err.get('msg')}")
@@ -126,9 +119,11 @@ def create_app(settings: ServerSettings | None = None, runtime: WorkerRuntime | 
     app.include_router(cache.router)
     app.include_router(events.router)
     app.include_router(cluster.router)
+    app.include_router(lmcache.router)
     # the embedded worker's command API, for other controllers that share this one's state
     app.include_router(worker_app.router)
     install_error_handlers(app)
     worker_app.install_ops(app)
     install_guards(app, settings)
+    install_request_metrics(app, "controller")
     return app

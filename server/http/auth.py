@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 
+from kvctl.common.defaults import AUTH_TOKEN_ENV, env
 from kvctl.server import redact
 from kvctl.server.http.limits import ASGIApp, Receive, Scope, Send, _answer, _header
 
-ENV = "KVCTL_AUTH_TOKEN"
+ENV = AUTH_TOKEN_ENV
 MIN_TOKEN_CHARS = 16
 LOOPBACK_HOSTS = frozenset({"localhost", "localhost.localdomain"})
 
@@ -53,8 +53,17 @@ def check_exposure(host: str, token: str | None, insecure: bool) -> None:
 
 def client_headers(token: str | None = None) -> dict[str, str]:
     """The header a kvctl client sends: ``token`` or ``$KVCTL_AUTH_TOKEN``, if either."""
-    token = token or os.environ.get(ENV)
+    token = token or env(ENV)
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def unauthorized_detail(header_given: bool) -> str:
+    """The 401's detail. Worded so that ``redact`` leaves it whole: no word follows
+    "bearer" or "token:" where a credential would stand."""
+    why = ("the Authorization header does not carry this server's token" if header_given
+           else "the request has no Authorization header")
+    return (f"authentication required: {why}; send 'Authorization: Bearer <token>' (kvctl "
+            f"reads it from {ENV} or the auth_token of its settings file)")
 
 
 class BearerAuth:
@@ -77,7 +86,5 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         if scope["type"] == "http":
-            why = "no bearer token" if not given else "wrong bearer token"
-            await _answer(send, 401, f"{why}: this server requires authentication; pass "
-                                     f"--auth-token or set {ENV}",
+            await _answer(send, 401, unauthorized_detail(bool(given)),
                           headers=[(b"www-authenticate", b'Bearer realm="kvctl"')])

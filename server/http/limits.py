@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import socket
@@ -63,14 +64,26 @@ class BodyTooLarge(HTTPException):
                               "per request")
 
 
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` when a body stalls longer than the body timeout."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body stalled for {timeout_s:g} s; send it "
+                              "without pausing")
+
+
 class BodyLimit:
     """ASGI middleware: refuse bodies over ``max_bytes`` by ``Content-Length`` or, for
-    chunked bodies, by counting what arrives. ``max_passed`` is the most body bytes one
-    request has handed to the app (tests read it): never more than ``max_bytes``."""
+    chunked bodies, by counting what arrives; answer 408 to a body that pauses longer than
+    ``body_timeout_s`` (a slow-body client otherwise holds its request forever).
+    ``max_passed`` is the most body bytes one request has handed to the app (tests read
+    it): never more than ``max_bytes``."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
         self.max_passed = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,12 +107,20 @@ class BodyLimit:
                                          "request")
                 return
         received = 0
-        started = cut = False
+        started = cut = body_done = False
 
         async def counted_receive() -> Message:
-            nonlocal received, cut
-            message = await receive()
+            nonlocal received, cut, body_done
+            if body_done or self.body_timeout_s is None:
+                message = await receive()  # after the body: waiting for a disconnect
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except TimeoutError:
+                    cut = True
+                    raise BodyTimeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     cut = True
@@ -121,10 +142,10 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, BodyTimeout) as exc:
             # read outside the app's exception middleware: answer here
             if not started:
-                await _answer(send, 413, str(exc.detail))
+                await _answer(send, exc.status_code, str(exc.detail))
 
 
 def _host_name(host: str) -> str:
@@ -179,7 +200,8 @@ def install_guards(app: Any, settings: Any) -> None:
     redact.register_url(settings.remote_url)
     # add_middleware puts the last one added outermost: Host, then the token, are checked
     # before a byte of the body is read
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       body_timeout_s=getattr(settings, "body_timeout_s", None))
     if settings.auth_token:
         app.add_middleware(BearerAuth, token=settings.auth_token)
     app.add_middleware(HostCheck, allowed_hosts=settings.allowed_hosts)

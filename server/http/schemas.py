@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from kvctl.common.events import Event, Status
+from kvctl.server.chunks import check_chunk_key
 
 # Token ids are vocabulary indices: 0 <= id < 2**31 (no tokenizer comes near; int32 holds
 # them wherever they are stored or hashed). A request carries at most MAX_REQUEST_TOKENS
@@ -36,6 +38,36 @@ def check_text(text: str) -> str:
         raise ValueError(f"text contains an unpaired surrogate {text[exc.start]!r} at index "
                          f"{exc.start}; send valid UTF-8") from None
     return text
+
+
+def check_worker_url(url: str) -> str:
+    """Where a worker is reached: ``http://host:port`` and nothing else (no credentials,
+    path, query; a port that exists). Refused at registration, so that no record the
+    controller later fans out to can hold an address it cannot even parse."""
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError as exc:
+        raise ValueError(f"{url[:100]!r} is not a worker address ({exc}); expected "
+                         "http://host:port") from None
+    if (u.scheme != "http" or not u.hostname or port is None or port == 0
+            or u.username is not None or u.password is not None or u.path not in ("", "/")
+            or u.query or u.fragment):
+        raise ValueError(f"{url[:100]!r} is not a worker address; expected http://host:port "
+                         "(no credentials, path or query; port 1-65535)")
+    return url.rstrip("/")
+
+
+def check_optional_url(url: str | None) -> str | None:
+    return None if url is None else check_worker_url(url)
+
+
+def check_name(name: str) -> str:
+    """An instance id: printable, non-empty (it becomes a Redis key and a metric label)."""
+    if not name or not name.isprintable() or name != name.strip():
+        raise ValueError(f"{name[:100]!r} is not a usable instance id (printable characters, "
+                         "no surrounding spaces)")
+    return name
 
 
 # fail_fast: a million bad items make one error, not a million-part detail
@@ -80,6 +112,8 @@ class LookupResponse(BaseModel):
     layout_info: dict[str, tuple[str, int]]
     # kvctl's detail beside it: per instance, tokens of the prefix each location holds
     tiers: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # instances that did not answer by the fan-out deadline (hung or slow): left out above
+    late: list[str] = Field(default_factory=list)
 
 
 class ClearRequest(_Body):
@@ -101,21 +135,29 @@ class MoveRequest(_Body):
 
 
 class WorkerInfoRequest(_Body):
-    instance_id: str
+    instance_id: str = Field(description='an instance, or "all" for every one')
     worker_ids: list[int] | None = None
 
 
 class LocationInfo(BaseModel):
-    location: str
-    chunks: int
-    bytes: int
-    capacity_bytes: int | None
-    pinned_chunks: int
+    location: str = Field(max_length=MAX_NAME_CHARS)
+    chunks: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    capacity_bytes: int | None = Field(ge=0)
+    pinned_chunks: int = Field(ge=0)
+    # since the worker started; absent from workers of older kvctl releases (0, empty)
+    bytes_by_codec: dict[str, int] = Field(default_factory=dict, max_length=64)
+    hits: int = 0
+    misses: int = 0
+    read_failures: int = 0
+    evictions: int = 0
 
 
 class WorkerInfo(BaseModel):
     instance_id: str
     worker_id: int
+    kind: Literal["kvctl", "lmcache"] = Field("kvctl", description="a `kvctl worker` or an "
+                                              "LMCache 0.5.6 LMCacheWorker")
     ip: str
     port: int
     url: str
@@ -128,6 +170,15 @@ class WorkerInfo(BaseModel):
     heartbeat_age_s: float
     chunk_size: int
     locations: list[LocationInfo]
+    # did not answer by the fan-out deadline: its numbers are the last heartbeat's
+    late: bool = False
+    # LMCache workers only
+    peer_init_url: str | None = None
+    key_count: int | None = None
+    directory: Literal["ok", "syncing", "missing"] | None = None
+    queued_commands: int | None = None
+    held_here: bool | None = Field(None, description="this controller holds its sockets "
+                                   "(else another one on the same state does)")
 
 
 class WorkerList(BaseModel):
@@ -135,14 +186,28 @@ class WorkerList(BaseModel):
 
 
 class HeartbeatRequest(_Body):
-    instance_id: str
-    worker_id: int = 0
-    url: str = Field(description="where the controller reaches the worker's command API")
-    engine_url: str | None = None
-    chunk_size: int = Field(ge=1)
+    instance_id: Annotated[str, AfterValidator(check_name)]
+    worker_id: int = Field(0, ge=0, le=2**31 - 1)
+    url: Annotated[str, AfterValidator(check_worker_url)] = Field(
+        description="where the controller reaches the worker's command API: http://host:port")
+    engine_url: Annotated[str | None, AfterValidator(check_optional_url)] = None
+    chunk_size: int = Field(ge=1, le=1 << 20)
     locations: list[LocationInfo] = Field(default_factory=list, max_length=64)
-    error_code: int = 0
-    pid: int | None = None
+    error_code: int = Field(0, ge=0, le=2)
+    pid: int | None = Field(None, ge=0, le=2**31 - 1)
+    lease: str | None = Field(None, max_length=128, description="the credential this worker "
+                              "was given when it registered; proves it on every heartbeat")
+
+
+class DeregisterRequest(_Body):
+    instance_id: str
+    url: str = Field(description="the URL the worker registered with")
+    lease: str | None = Field(None, max_length=128, description="the worker's lease: only "
+                              "the instance's holder may deregister it")
+
+
+class DeregisterResponse(BaseModel):
+    stopped: bool  # false: no such worker registered at that URL (nothing changed)
 
 
 class HeartbeatResponse(BaseModel):
@@ -150,11 +215,19 @@ class HeartbeatResponse(BaseModel):
     dead_after_s: float
     registered_at: float
     controller_id: str
+    lease: str = Field(description="this worker's credential for the instance: send it with "
+                                   "every heartbeat (it is never shown again)")
 
 
 class WorkerInfoResponse(BaseModel):
     event_id: str
     worker_infos: list[WorkerInfo]
+
+
+class ClusterHealth(BaseModel):
+    status: Literal["ok"]
+    # "instance_id/worker_id" -> 0 healthy, 1 a storage location failed, 2 dead
+    error_codes: dict[str, int]
 
 
 class HealthRequest(_Body):
@@ -181,6 +254,65 @@ class EventList(BaseModel):
     events: list[Event]
 
 
+class QueryInstanceRequest(_Body):
+    event_id: str = ""
+    ip: str
+
+
+class QueryInstanceResponse(BaseModel):
+    event_id: str
+    res: str | None
+
+
 class CodecList(BaseModel):
     methods: list[str]
     default: str
+
+
+# ---- the worker command port: the same bodies, validated the same way ---------------------
+# (`kvctl.server.worker.app.WorkerOps` parses each command with these before it runs.)
+ChunkKey = Annotated[str, AfterValidator(check_chunk_key)]
+EventIdField = Annotated[str | None, Field(max_length=MAX_NAME_CHARS)]
+
+
+class CompressCommand(CompressRequest):
+    event_id: EventIdField = None
+
+
+class PinCommand(PinRequest):
+    pinned: bool = True
+    event_id: EventIdField = None
+
+
+class ClearCommand(ClearRequest):
+    event_id: EventIdField = None
+
+
+class MoveCommand(MoveRequest):
+    event_id: EventIdField = None
+
+
+class EventsCommand(_Body):
+    ids: list[str] = Field(default_factory=list, max_length=100_000)
+
+
+class InfoCommand(_Body):
+    pass
+
+
+class ChunkPlanCommand(_Body):
+    location: str
+    tokens: TokenList
+
+
+class DeleteChunkCommand(_Body):
+    location: str
+    key: ChunkKey
+
+
+WORKER_COMMANDS: dict[str, type[_Body]] = {
+    "compress": CompressCommand, "decompress": CompressCommand, "pin": PinCommand,
+    "clear": ClearCommand, "move": MoveCommand, "lookup": LookupRequest,
+    "events": EventsCommand, "info": InfoCommand, "chunk_plan": ChunkPlanCommand,
+    "delete_chunk": DeleteChunkCommand,
+}

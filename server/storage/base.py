@@ -154,6 +154,17 @@ class StorageBackend(ABC):
         it."""
         self.put(key, blob, num_tokens)
 
+    def pin_refusal(self) -> str | None:
+        """Why this location cannot honour a pin (None: it can). A pin it accepted holds:
+        no eviction of this tier's own or the server's removes a pinned chunk."""
+        return None
+
+    def quarantine(self, key: str) -> str:
+        """Take a corrupt chunk out of service; returns what became of it (for the log).
+        A tier that keeps nothing of it deletes it; the disk tier keeps the file aside."""
+        self.delete(key)
+        return "deleted"
+
     def clear(self) -> int:
         """Remove every chunk; returns the tokens they covered."""
         return sum(self.delete(k) for k in self.keys())

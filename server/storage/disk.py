@@ -14,6 +14,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,12 @@ log = logging.getLogger("kvctl.server")
 
 SUFFIX = ".kvc"
 PINS = "pins.json"
+# What may name a chunk file: the project's keys are 32 hex digits (kvctl.server.chunks);
+# whatever else arrives here is at least a plain file name that cannot leave the directory.
+_SAFE_KEY = re.compile(r"[0-9A-Za-z_]{1,128}")
+# corrupt chunk files are moved here for a post-mortem; the oldest go past this many
+QUARANTINE = "quarantine"
+QUARANTINE_KEEP = 16
 
 
 def _file_label(path: Path) -> str | None:
@@ -82,7 +89,14 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         self._load()
 
     def _path(self, key: str, num_tokens: int) -> Path:
-        return self.root / f"{key}-{num_tokens}{SUFFIX}"
+        """The file of a chunk, built only from a safe key and checked to stay in root."""
+        if not isinstance(key, str) or not _SAFE_KEY.fullmatch(key):
+            raise StorageError(f"{self.name}: {str(key)[:80]!r} cannot name a chunk file "
+                               "(keys are letters, digits and _); nothing written")
+        path = self.root / f"{key}-{int(num_tokens)}{SUFFIX}"
+        if os.path.dirname(os.path.normpath(path)) != os.path.normpath(self.root):
+            raise StorageError(f"{self.name}: chunk {key!r} would leave {self.root}")
+        return path
 
     # ---- start-up -------------------------------------------------------------------
     def _load(self) -> None:
@@ -94,7 +108,7 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         found = []
         for p in self.root.glob(f"*{SUFFIX}"):
             key, _, ntok = p.stem.rpartition("-")
-            if not key or not ntok.isdigit():
+            if not key or not ntok.isdigit() or not _SAFE_KEY.fullmatch(key):
                 continue
             label = _file_label(p)
             if label is None:
@@ -231,6 +245,35 @@ class LocalDiskBackend(IndexedTier, StorageBackend):
         for p in self.root.glob(f"{key}-*{SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+    def quarantine(self, key: str) -> str:
+        """Move a corrupt chunk's file into ``quarantine/`` (out of the index, so lookups
+        stop counting it); only the newest QUARANTINE_KEEP files are kept there."""
+        qdir = self.root / QUARANTINE
+        with self._lock:
+            gen = self._pins_gen
+            e = self._index.remove(key)
+            if e is None:
+                return "already gone"
+            if e.pinned:
+                self._pins_gen += 1
+            path = self._path(key, e.num_tokens)
+            try:
+                qdir.mkdir(exist_ok=True)
+                os.replace(path, qdir / path.name)
+                kept = sorted(qdir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime_ns)
+                for old in kept[:-QUARANTINE_KEEP]:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+                where = f"moved to {qdir / path.name}"
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                where = f"deleted (cannot move it to {qdir}: {exc.strerror})"
+            changed = gen != self._pins_gen
+        if changed:
+            self._persist_pins()
+        return where
 
     def contains(self, key: str) -> bool:
         with self._lock:

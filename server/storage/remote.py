@@ -18,6 +18,7 @@ next call after Redis returns reconnects by itself.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,12 @@ _SCHEMES = {"redis": False, "valkey": False, "rediss": True, "valkeys": True}
 # neither builds one huge buffer nor holds a socket past its timeout
 _MAX_BATCH = 64
 _MAX_BATCH_BYTES = 32 * 1024 * 1024
+# how long a read of Redis's eviction policy is trusted
+_POLICY_TTL_S = 10.0
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v or "")
 
 
 @dataclass
@@ -131,6 +138,7 @@ class RemoteBackend(StorageBackend):
         self._secret = self.target.password
         self._ns = f"{key_prefix}:{namespace}:c:"
         self._redis: Any = self._connect(socket_timeout, connect_timeout)
+        self._policy: tuple[float, str | None] | None = None
 
     def _connect(self, socket_timeout: float, connect_timeout: float) -> Any:
         import redis
@@ -242,11 +250,40 @@ class RemoteBackend(StorageBackend):
             size_of=lambda r: len(r[1]))
         return len(rows)
 
+    def pin_refusal(self) -> str | None:
+        """Redis evicts by its own policy, which kvctl cannot override per key: under an
+        ``allkeys-*`` policy with a memory limit any key may go, pinned or not, so pins are
+        refused there. Under ``noeviction`` or ``volatile-*`` a key without a TTL is never
+        evicted, and a pin removes any TTL (PERSIST). A Redis that will not say its policy
+        (CONFIG disabled) is taken at its word: pins accepted, as before."""
+        now = time.monotonic()
+        if self._policy is None or now - self._policy[0] > _POLICY_TTL_S:
+            try:
+                got = self._redis.config_get("maxmemory*")
+            except Exception:  # CONFIG renamed or refused (managed Redis), or unreachable
+                got = {}
+            # a Redis Cluster answers per node: any node that may evict any key counts
+            rows = list(got.values()) if got and all(isinstance(v, dict)
+                                                     for v in got.values()) else [got]
+            why = None
+            for row in rows:
+                policy = _text(row.get("maxmemory-policy") or row.get(b"maxmemory-policy"))
+                limit = _text(row.get("maxmemory") or row.get(b"maxmemory"))
+                if policy.startswith("allkeys") and limit not in ("", "0"):
+                    why = (f"{self.name} at {self.url} cannot hold a pin: its maxmemory-policy "
+                           f"is {policy} (maxmemory {limit} B), so Redis may evict any key, "
+                           "pinned or not. Use noeviction or a volatile-* policy there, or pin "
+                           "in LocalCPUBackend/LocalDiskBackend")
+            self._policy = (now, why)
+        return self._policy[1]
+
     def set_pinned_many(self, keys: Sequence[str], pinned: bool) -> int:
         keys = list(keys)
         present = [k for k, ok in zip(keys, self.contains_many(keys), strict=True) if ok]
         if pinned:
-            self._pipelined(present, lambda p, k: p.hset(self._k(k), "p", 1))
+            # PERSIST: a pinned key carries no TTL, which no volatile-* policy evicts
+            self._pipelined(present, lambda p, k: (p.hset(self._k(k), "p", 1),
+                                                   p.persist(self._k(k))))
         else:
             self._pipelined(present, lambda p, k: p.hdel(self._k(k), "p"))
         return len(present)

@@ -4,7 +4,8 @@ Write-through: every new chunk goes to every configured tier (fp16 ``raw`` blobs
 tiers, the ``remote_serde`` codec in Redis). Read-through: each chunk of the longest stored
 prefix is read from the fastest tier that holds it, and what came from a slower tier is
 promoted into memory, as it was stored (a lossy blob stays marked lossy). A tier that fails
-(Redis down) is skipped and counted; a completion never fails because a tier did.
+(Redis down) is skipped and counted; a chunk that does not decode is counted, quarantined
+and read from the next tier holding it; a completion never fails because a tier did.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvctl.codecs import CodecError, decode_blob
-from kvctl.server.chunks import ChunkRef
+from kvctl.codecs import CodecError, decode_blob, peek_blob
+from kvctl.server.chunks import (
+    DEFAULT_MAX_CHUNK_ELEMENTS,
+    ChunkRef,
+    ChunkShapeError,
+    check_chunk_shape,
+)
 from kvctl.server.storage.base import StorageBackend, StorageError, StorageFullError
 
 if TYPE_CHECKING:
@@ -66,7 +72,8 @@ class TieredStore:
     """The configured tiers, fastest first, as the engine sees them."""
 
     def __init__(self, backends: dict[str, StorageBackend], raw_codec: Any, remote_codec: Any,
-                 save_unfull_chunk: bool, chunk_size: int, device: str = "cpu") -> None:
+                 save_unfull_chunk: bool, chunk_size: int, device: str = "cpu",
+                 max_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
         self.tiers = [(n, backends[n]) for n in TIER_ORDER if n in backends]
         self.tiers += [(n, b) for n, b in backends.items() if n not in TIER_ORDER]
         self.raw = raw_codec
@@ -74,6 +81,7 @@ class TieredStore:
         self.save_unfull_chunk = save_unfull_chunk
         self.chunk_size = chunk_size
         self.device = device
+        self.max_elements = max_elements
         self.counters = TierCounters()
         self._down_until: dict[str, float] = {}
 
@@ -85,6 +93,41 @@ class TieredStore:
         self.counters.add(table, tier)
         self._down_until[tier] = time.monotonic() + RETRY_AFTER_S
         log.warning("%s skipped for %.0f s: %s", tier, RETRY_AFTER_S, exc)
+
+    def corrupt(self, tier: str, key: str, exc: Exception) -> None:
+        """A chunk that does not decode: counted as a read failure of ``tier``, taken out
+        of it (quarantined) so that no lookup counts it again, and named in the log. The
+        tier itself stays in use: one bad chunk says nothing about the others."""
+        self.counters.add("read_failures", tier)
+        backend = dict(self.tiers).get(tier)
+        where = "dropped"
+        if backend is not None:
+            try:
+                where = backend.quarantine(key)
+            except StorageError as qexc:
+                where = f"not quarantined ({qexc})"
+        log.warning("%s: chunk %s is corrupt (%s); %s", tier, key, exc, where)
+
+    def _read_slower(self, key: str, after: str) -> tuple[str, bytes, Any] | None:
+        """The first tier slower than ``after`` that holds ``key`` in a decodable blob:
+        (tier, blob, kv); None when none does."""
+        names = [t for t, _ in self.tiers]
+        for tier, backend in self.tiers[names.index(after) + 1:]:
+            if not self.available(tier):
+                continue
+            try:
+                blob = backend.get(key)
+            except StorageError as exc:
+                self.failed(tier, "read_failures", exc)
+                continue
+            if blob is None:
+                continue
+            try:
+                check_chunk_shape(peek_blob(blob), self.chunk_size, self.max_elements)
+                return tier, blob, decode_blob(blob, device=self.device)
+            except (CodecError, ChunkShapeError) as exc:
+                self.corrupt(tier, key, exc)
+        return None
 
     def _codec_for(self, tier: str) -> Any:
         return self.remote_codec if tier == REMOTE else self.raw
@@ -188,16 +231,24 @@ class TieredStore:
         served: dict[str, int] = {}
         promote = []
         for i, blob in enumerate(blobs):
-            if blob is None:
-                break  # left its tier between the check and the read
-            try:
-                parts.append(decode_blob(blob, device=self.device))
-            except CodecError as exc:
-                log.warning("stored chunk %s in %s is unreadable (%s); recomputing it",
-                            refs[i].key, holder[i], exc)
-                break
-            served[holder[i]] = served.get(holder[i], 0) + 1
-            if holder[i] != names[0] and names[0] == MEMORY:
+            tier, part = holder[i], None
+            if blob is not None:  # None: it left its tier between the check and the read
+                try:
+                    # a stored blob is input too (a file, Redis): its shape must fit first
+                    check_chunk_shape(peek_blob(blob), self.chunk_size, self.max_elements,
+                                      refs[i].num_tokens)
+                    part = decode_blob(blob, device=self.device)
+                except (CodecError, ChunkShapeError) as exc:
+                    self.corrupt(tier, refs[i].key, exc)
+            if part is None:
+                # the next tier that holds a good copy serves it instead
+                found = self._read_slower(refs[i].key, tier)
+                if found is None:
+                    break
+                tier, blob, part = found
+            parts.append(part)
+            served[tier] = served.get(tier, 0) + 1
+            if tier != names[0] and names[0] == MEMORY:
                 promote.append((refs[i].key, blob, refs[i].num_tokens))
         if promote:
             try:

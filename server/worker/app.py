@@ -7,12 +7,13 @@ Mounted by `kvctl worker` (on `lmcache_worker_port`) and, for the embedded worke
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
+from kvctl.server.chunks import check_chunk_key
 from kvctl.server.controller.transport import CHECKSUM_HEADER, NUM_TOKENS_HEADER, InProcessTransport
 from kvctl.server.errors import (
     BadRequest,
@@ -21,8 +22,10 @@ from kvctl.server.errors import (
     UnknownInstance,
     UnknownMethod,
 )
-from kvctl.server.http.app import error_response
+from kvctl.server.http.app import describe_errors, error_response
 from kvctl.server.http.limits import ASGIApp, Receive, Scope, Send
+from kvctl.server.http.metrics import ROUTE_KEY
+from kvctl.server.http.schemas import WORKER_COMMANDS
 from kvctl.server.storage import StorageError
 from kvctl.server.worker.ops import WORKER_OPS
 from kvctl.server.worker.runtime import WorkerRuntime
@@ -70,10 +73,17 @@ class WorkerOps:
         body = await _read_all(receive)
         if body is None:  # the client went away
             return
+        op = scope["path"][len(self.PREFIX):]
+        # the request histogram's route: known commands by name, the rest as one
+        scope[ROUTE_KEY] = self.PREFIX + (op if op in WORKER_OPS else "{op}")
         try:
-            result = await self._run(scope["path"][len(self.PREFIX):], body)
+            result = await self._run(op, body)
         except (DomainError, StorageError) as exc:
             response = error_response(exc)
+        except ValidationError as exc:
+            # the controller's own schemas, the controller's own answer: 422 and what to fix
+            response = JSONResponse({"detail": describe_errors(exc.errors()),
+                                     "kind": BadRequest.kind}, status_code=422)
         else:
             response = JSONResponse(result)
         await response(scope, receive, send)
@@ -82,12 +92,9 @@ class WorkerOps:
         if op not in WORKER_OPS:
             raise UnknownMethod(f"unknown worker command {op[:100]!r}; known: "
                                 f"{', '.join(WORKER_OPS)}")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise BadRequest("worker command body is not JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("worker command body must be a JSON object")
+        # parsed and checked exactly as the controller checks the same request (nesting
+        # depth, token ids, names, keys): ValidationError -> 422
+        body = WORKER_COMMANDS[op].model_validate_json(raw).model_dump()
         rt: WorkerRuntime | None = getattr(self.owner.state, "runtime", None)
         if rt is None:
             raise UnknownInstance("this controller runs no worker of its own")
@@ -118,9 +125,16 @@ def install_ops(app: FastAPI) -> None:
     app.add_middleware(WorkerOps, owner=app)
 
 
+def _key(key: str) -> str:
+    try:
+        return check_chunk_key(key)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
 @router.get("/chunks/{location}/{key}")
 async def get_chunk(location: str, key: str, request: Request) -> Response:
-    blob, ntok, digest = await _transport(request).get_chunk(location, key)
+    blob, ntok, digest = await _transport(request).get_chunk(location, _key(key))
     return Response(blob, media_type="application/octet-stream",
                     headers={NUM_TOKENS_HEADER: str(ntok), CHECKSUM_HEADER: digest})
 
@@ -137,6 +151,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 @router.put("/chunks/{location}/{key}")
 async def put_chunk(location: str, key: str, request: Request) -> dict[str, Any]:
+    key = _key(key)
     try:
         ntok = int(request.headers[NUM_TOKENS_HEADER])
         digest = request.headers[CHECKSUM_HEADER]
@@ -153,6 +168,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     from kvctl import __version__
     from kvctl.server.http.app import install_error_handlers
     from kvctl.server.http.limits import install_guards
+    from kvctl.server.http.metrics import install_request_metrics
 
     app = FastAPI(title="kvctl worker", version=__version__, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
@@ -160,9 +176,28 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     install_error_handlers(app)
     install_ops(app)
     install_guards(app, runtime.settings)
+    requests = install_request_metrics(app, "worker")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return await asyncio.to_thread(runtime.info)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """This worker's tiers, codecs, queue, requests and liveness (Prometheus text)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from kvctl.server.worker.metrics import (
+            HeartbeatCollector,
+            RuntimeCollector,
+            process_collectors,
+            render,
+        )
+
+        beat = getattr(app.state, "heartbeat", None)
+        parts = [RuntimeCollector(runtime), requests.latency, *process_collectors("worker"),
+                 *([HeartbeatCollector(beat)] if beat is not None else [])]
+        body = await asyncio.to_thread(render, *parts)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

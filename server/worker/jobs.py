@@ -11,10 +11,13 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from prometheus_client import Histogram
 
 from kvctl.codecs import codec_for_method, decode_blob, get_codec
 from kvctl.server.config import ServerSettings
@@ -22,12 +25,29 @@ from kvctl.server.config import ServerSettings
 RAW_METHOD = "raw"
 
 
+# one chunk through a codec: ~1 ms (raw, a small chunk) to seconds (a long chunk, slow level)
+CODEC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _codec_histogram() -> Histogram:
+    return Histogram("kvctl_codec_duration_seconds",
+                     "Time one chunk spent in a codec job (decode + encode), by op and method",
+                     labelnames=["op", "method"], buckets=CODEC_BUCKETS, registry=None)
+
+
 @dataclass
 class CodecTimes:
-    """Cumulative codec seconds and chunk counts per (op, method), for /metrics."""
+    """Cumulative codec seconds and chunk counts per (op, method), and the time per chunk
+    as a histogram, for /metrics."""
 
     seconds: dict[tuple[str, str], float]
     chunks: dict[tuple[str, str], int]
+    durations: Histogram = field(default_factory=_codec_histogram)
+
+    def add(self, key: tuple[str, str], elapsed: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + elapsed
+        self.chunks[key] = self.chunks.get(key, 0) + 1
+        self.durations.labels(*key).observe(elapsed)
 
 
 def checksum(blob: bytes) -> str:
@@ -41,6 +61,9 @@ CODEC_NICENESS = 10
 
 
 def _init_codec_process(torch_threads: int, owner_pid: int) -> None:
+    # Ctrl-C reaches the whole process group: the owner stops the pool in order; a child
+    # must not die mid-wait on its own (and print a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(CODEC_NICENESS)
     if torch_threads:
@@ -64,16 +87,18 @@ def _exit_with(owner_pid: int) -> None:
             os._exit(0)
 
 
-def transcode_blob(blob: bytes, codec: str, params_json: str, device: str
-                   ) -> tuple[bytes, float]:
+def transcode_blob(blob: bytes, codec: str, params_json: str, device: str,
+                   history: tuple[str, ...] = ()) -> tuple[bytes, float]:
     """Decode a chunk blob and encode it with codec ``codec`` built from ``params_json``
-    (its params, a model's step profile included); runs in a codec process.
+    (its params, a model's step profile included), recording ``history`` (the lossy methods
+    the KV has been through) in the new blob; runs in a codec process.
 
     Only bytes and strings cross the process boundary (the pool's own pipe between processes
     this worker started); blobs are parsed by the codecs' format, never unpickled.
     """
     t0 = time.perf_counter()
-    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device))
+    new = get_codec(codec, **json.loads(params_json)).encode(decode_blob(blob, device=device),
+                                                             history=history)
     return new, time.perf_counter() - t0
 
 

@@ -1,15 +1,67 @@
-"""Prometheus metrics, computed from the worker's state at scrape time."""
+"""Prometheus metrics, computed from the worker's state at scrape time.
+
+Served by `kvctl worker` on its port (``GET /metrics``) and, for the embedded worker, by the
+controller's /metrics (controller and monitor ports). Every name starts ``kvctl_``; labels
+are bounded sets (locations, codec methods, ops, statuses).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvctl.server.worker.runtime import WorkerRuntime
+
+
+def render(*collectors: Collector) -> bytes:
+    """One scrape of ``collectors`` in Prometheus' text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        registry.register(c)
+    return generate_latest(registry)
+
+
+class BuildInfo(Collector):
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def collect(self) -> Iterator[Any]:
+        from kvctl import __version__
+
+        info = GaugeMetricFamily("kvctl_build_info", "Always 1: the version and the part "
+                                 "(controller, worker) this process runs",
+                                 labels=["version", "part"])
+        info.add_metric([__version__, self.part], 1.0)
+        yield info
+
+
+def process_collectors(part: str) -> list[Collector]:
+    """What every kvctl process publishes once: its CPU, memory and open files (Linux), as
+    kvctl_process_*, and kvctl_build_info."""
+    return [ProcessCollector(namespace="kvctl", registry=None), BuildInfo(part)]
+
+
+class HeartbeatCollector(Collector):
+    """A `kvctl worker`'s own view of its liveness: registered or not, beats that failed."""
+
+    def __init__(self, beat: Any) -> None:
+        self.beat = beat  # kvctl.server.runner.Heartbeat
+
+    def collect(self) -> Iterator[Any]:
+        b = self.beat
+        yield GaugeMetricFamily("kvctl_worker_registered",
+                                "1 while the last heartbeat reached a controller, else 0",
+                                value=1.0 if b.registered_with else 0.0)
+        beats = CounterMetricFamily("kvctl_worker_heartbeats",
+                                    "Heartbeat rounds, by result (ok: a controller answered)",
+                                    labels=["result"])
+        beats.add_metric(["ok"], b.beats_ok)
+        beats.add_metric(["failed"], b.beats_failed)
+        yield beats
 
 
 class RuntimeCollector(Collector):
@@ -36,7 +88,7 @@ class RuntimeCollector(Collector):
                                      "Bytes held per location and codec of the chunks",
                                      labels=["location", "codec"])
         evictions = CounterMetricFamily("kvctl_tier_evictions",
-                                        "Chunks evicted to make room, per bounded location",
+                                        "Chunks evicted to make room, per location",
                                         labels=["location"])
         for name, backend in rt.backends.items():
             try:
@@ -48,9 +100,10 @@ class RuntimeCollector(Collector):
             pinned.add_metric([name], s.pinned_chunks)
             for codec, b in sorted(s.bytes_by_codec.items()):
                 by_codec.add_metric([name, codec], b)
+            # 0 for an unbounded location: one series per tier, for the dashboards' sums
+            evictions.add_metric([name], s.evictions)
             if s.capacity_bytes is not None:
                 cap.add_metric([name], s.capacity_bytes)
-                evictions.add_metric([name], s.evictions)
         yield from (chunks, nbytes, pinned, cap, by_codec, evictions)
 
         # the engine's reads and writes through the tiers (read-through / write-through)
@@ -77,6 +130,7 @@ class RuntimeCollector(Collector):
                                   value=rt.bytes_saved)
         yield GaugeMetricFamily("kvctl_queue_depth", "Events queued or running",
                                 value=rt.queue_depth())
+        yield from rt.codec_times.durations.collect()
         secs = CounterMetricFamily("kvctl_codec_seconds", "Time spent in codecs",
                                    labels=["op", "method"])
         n = CounterMetricFamily("kvctl_codec_chunks", "Chunks through codecs",
@@ -86,8 +140,3 @@ class RuntimeCollector(Collector):
             n.add_metric(list(key), rt.codec_times.chunks.get(key, 0))
         yield from (secs, n)
 
-
-def render_metrics(runtime: WorkerRuntime) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RuntimeCollector(runtime))
-    return generate_latest(registry)

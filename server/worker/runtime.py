@@ -17,13 +17,21 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
-from kvctl.codecs import CodecError, codec_for_method, decode_blob, get_codec, peek_blob
+from kvctl.codecs import CodecError, codec_for_method, get_codec, peek_blob
 from kvctl.common.calibration import ModelProfile, codec_for, load_profile
+from kvctl.common.defaults import DEVICE_ENV, env
 from kvctl.common.model import served_name
-from kvctl.server.chunks import ChunkRef, chunk_refs
+from kvctl.server.chunks import (
+    ChunkRef,
+    ChunkShapeError,
+    check_chunk_key,
+    check_chunk_shape,
+    chunk_refs,
+)
 from kvctl.server.config import ServerSettings
 from kvctl.server.errors import (
     BadRequest,
@@ -32,6 +40,7 @@ from kvctl.server.errors import (
     Conflict,
     DomainError,
     TooLarge,
+    UnknownChunk,
     UnknownInstance,
     UnknownLocation,
     UnknownMethod,
@@ -59,6 +68,10 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("kvctl.server")
+
+# A location's numbers (for heartbeats, /workers) are waited for this long at most: a frozen
+# Redis then reports its last known numbers and error code 1, and the heartbeat goes out.
+STATS_WAIT_S = 0.5
 
 
 def build_backends(settings: ServerSettings) -> dict[str, StorageBackend]:
@@ -102,7 +115,7 @@ class WorkerRuntime:
         # Locations that answer from this process's memory (no network round trip).
         self.all_local = all(isinstance(b, LocalCPUBackend | LocalDiskBackend)
                              for b in self.backends.values())
-        self.device = _pick_device(os.environ.get("KVCTL_DEVICE", "auto"))
+        self.device = _pick_device(env(DEVICE_ENV, "auto") or "auto")
         # The step profile of the model this worker's engine runs: a bundled model's is
         # committed (read now); another model's is measured once its engine has loaded it
         # (set_profile). Until then, and without a model, codecs use equal steps.
@@ -112,7 +125,13 @@ class WorkerRuntime:
         # the engine's view: write-through to every tier, read-through from the fastest
         self.store = TieredStore(self.backends, self._raw,
                                  codec_for(settings.remote_method, self.profile),
-                                 settings.save_unfull_chunk, settings.chunk_size, self.device)
+                                 settings.save_unfull_chunk, settings.chunk_size, self.device,
+                                 max_elements=settings.max_chunk_elements)
+        # stats of locations that may block (Redis): one thread each, answers cached
+        self._stats_pool = ThreadPoolExecutor(max(1, len(self.backends)),
+                                              thread_name_prefix="kvctl-stats")
+        self._stats_futs: dict[str, Future[Any]] = {}
+        self._stats_last: dict[str, Any] = {}
         for _ in range(settings.codec_threads):
             self._codec.submit(warm_up_codecs).add_done_callback(_log_warm_up)
 
@@ -147,6 +166,14 @@ class WorkerRuntime:
         if len(tokens) > self.settings.max_request_tokens:
             raise TooLarge(f"{len(tokens)} tokens is more than the "
                            f"{self.settings.max_request_tokens} a request may carry")
+
+    def check_blob(self, blob: bytes, num_tokens: int | None = None) -> Any:
+        """The header of a blob from outside, if its shape is one this deployment stores
+        (`check_chunk_shape`); ChunkShapeError before anything is decoded if not."""
+        info = peek_blob(blob)
+        check_chunk_shape(info, self.settings.chunk_size, self.settings.max_chunk_elements,
+                          num_tokens)
+        return info
 
     def refs(self, tokens: Sequence[int]) -> list[ChunkRef]:
         return chunk_refs(tokens, self.settings.chunk_size)
@@ -201,38 +228,28 @@ class WorkerRuntime:
         codec = self.codec(method)
         backend = self.backend(location)
         refs = self.matched(backend, tokens)
-        warning = self._check_stacking(backend, refs, codec, force)
-        ev = self._schedule(self._pool, "compress", instance_id, method, location, refs,
-                            lambda ev, rs: self._transcode(ev, rs, backend, codec,
-                                                           "compress"), event_id)
-        if warning:
-            self.events.record(ev, warning=warning)
-        return ev
+        if not force and self.events.active() == 0:
+            # Nothing queued or running could change these chunks before this job runs, so
+            # a refusal now is the one the job would reach: say it at once, as a 409.
+            # Otherwise the job decides when it runs (see _transcode).
+            self._refuse_stacking(backend.name, len(refs), _stacked(
+                [(label, ()) for label in backend.codecs_many([r.key for r in refs])],
+                label_for(codec.name, codec.header_params)), codec)
+        return self._schedule(self._pool, "compress", instance_id, method, location, refs,
+                              lambda ev, rs: self._transcode(ev, rs, backend, codec,
+                                                             "compress", force), event_id)
 
-    def _check_stacking(self, backend: StorageBackend, refs: list[ChunkRef], codec: Any,
-                        force: bool) -> str | None:
-        """Refuse (409) to re-encode chunks that another lossy codec already holds, unless
-        ``force``: the losses would add up and nothing downstream could tell. Forced, the
-        event carries a warning instead."""
-        if not refs:
-            return None
-        target = label_for(codec.name, codec.header_params)
-        lossy: dict[str, int] = {}
-        for label in backend.codecs_many([r.key for r in refs]):
-            if label is None or label in (target, UNKNOWN_CODEC) or _lossless(label):
-                continue
-            lossy[label] = lossy.get(label, 0) + 1
+    @staticmethod
+    def _refuse_stacking(location: str, total: int, lossy: dict[str, int], codec: Any) -> None:
+        """Refuse to re-encode chunks that another lossy codec already went through: the
+        losses would add up and nothing downstream could tell."""
         if not lossy:
-            return None
-        held = ", ".join(f"{n} with {label}" for label, n in sorted(lossy.items()))
-        n = sum(lossy.values())
-        if not force:
-            raise Conflict(f"{n} of {len(refs)} chunks in {backend.name} are already "
-                           f"compressed lossily ({held}); compressing them with {target} "
-                           "would add its loss to theirs. Compress with the same method, or "
-                           "pass force=true (kvctl compress --force) to accept both losses")
-        return (f"forced: {n} of {len(refs)} chunks were already lossy ({held}); their "
-                f"{target} encoding carries both losses")
+            return
+        target = label_for(codec.name, codec.header_params)
+        raise Conflict(f"{sum(lossy.values())} of {total} chunks in {location} are already "
+                       f"compressed lossily ({_held(lossy)}); compressing them with {target} "
+                       "would add its loss to theirs. Compress with the same method, or pass "
+                       "force=true (kvctl compress --force) to accept both losses")
 
     def decompress(self, instance_id: str, method: str, location: str, tokens: Sequence[int],
                    event_id: str | None = None) -> Event:
@@ -246,12 +263,20 @@ class WorkerRuntime:
                                                              "decompress"), event_id)
 
     def _transcode(self, ev: Event, refs: list[ChunkRef], backend: StorageBackend, target: Any,
-                   op: str) -> None:
-        """Re-encode each chunk with ``target`` (the raw codec when decompressing)."""
+                   op: str, force: bool = False) -> None:
+        """Re-encode each chunk with ``target`` (the raw codec when decompressing).
+
+        A compress checks each chunk as it finds it when the job runs (not when it was
+        scheduled: a job queued before it may have changed the chunk), against its codec
+        and the lossy methods it went through before, which every blob carries in its
+        history (decompressing keeps them). Unforced, a chunk another lossy method went
+        through fails the job there; forced, the event's warning counts those chunks.
+        """
         method = ev.method or target.name
         target_label = label_for(target.name, target.header_params)
         params_json = json.dumps(target.params)
         codecs: list[list[str]] = []
+        stacked: dict[str, int] = {}
         for i, ref in enumerate(refs):
             blob = backend.get(ref.key)
             if blob is None:
@@ -259,22 +284,51 @@ class WorkerRuntime:
                     f"chunk {i} (tokens {ref.start}-{ref.end}) left {backend.name} before it "
                     f"was processed (evicted or cleared); {ev.chunks_done} of "
                     f"{len(refs)} chunks done")
-            info = peek_blob(blob)
-            before = label_for(info.codec, info.params)
-            codecs.append([before, target_label])
-            if info.codec == target.name and info.params == target.header_params:
-                self.events.progress(ev, len(blob), len(blob))
-                self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
-                continue
-            new, elapsed = self._codec.submit(transcode_blob, blob, target.name, params_json,
-                                              self.device).result()
+            try:
+                info = self.check_blob(blob)
+                before = label_for(info.codec, info.params)
+                if op == "compress":
+                    lossy = _stacked([(before, info.history)], target_label)
+                    if lossy and not force:
+                        raise Conflict(
+                            f"chunk {i} (tokens {ref.start}-{ref.end}) in {backend.name} "
+                            f"already went through the lossy {next(iter(lossy))}; "
+                            f"compressing it with {target_label} would add its loss to that "
+                            "one, so it was left as it is. Compress with the same method, or "
+                            "pass force=true (kvctl compress --force) to accept both losses; "
+                            f"{ev.chunks_done} of {len(refs)} chunks done")
+                    for label in lossy:
+                        stacked[label] = stacked.get(label, 0) + 1
+                    if lossy:
+                        self.events.record(ev, warning=(
+                            f"forced: {sum(stacked.values())} of {len(refs)} chunks were "
+                            f"already lossy ({_held(stacked)}); their {target_label} "
+                            "encoding carries both losses"))
+                codecs.append([before, target_label])
+                if info.codec == target.name and info.params == target.header_params:
+                    self.events.progress(ev, len(blob), len(blob))
+                    self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
+                    continue
+                history = tuple(dict.fromkeys(
+                    [*info.history, *([] if _lossless(before) else [before])]))
+                new, elapsed = self._codec.submit(transcode_blob, blob, target.name,
+                                                  params_json, self.device, history).result()
+            except ChunkShapeError as exc:
+                raise StorageError(f"chunk {i} (tokens {ref.start}-{ref.end}) in "
+                                   f"{backend.name} is not decoded: {exc}") from None
+            except CodecError as exc:
+                self.store.corrupt(backend.name, ref.key, exc)
+                raise StorageError(
+                    f"chunk {i} (key {ref.key}, tokens {ref.start}-{ref.end}) in "
+                    f"{backend.name} is corrupt ({exc}); it was quarantined, so the engine "
+                    f"reads it from another location or recomputes it; {ev.chunks_done} of "
+                    f"{len(refs)} chunks done") from None
             backend.put(ref.key, new, ref.num_tokens)
             self.events.record(ev, chunk_codecs=[list(c) for c in codecs])
             with self._stats_lock:
                 # a decompress is counted under the codec it actually decoded
                 k = (op, method if op == "compress" else _metric_label(before))
-                self.codec_times.seconds[k] = self.codec_times.seconds.get(k, 0.0) + elapsed
-                self.codec_times.chunks[k] = self.codec_times.chunks.get(k, 0) + 1
+                self.codec_times.add(k, elapsed)
                 if op == "compress":
                     self.bytes_saved += len(blob) - len(new)
             self.events.progress(ev, len(blob), len(new))
@@ -305,6 +359,10 @@ class WorkerRuntime:
         self.check_instance(instance_id)
         self.check_tokens(tokens)
         backend = self.backend(location)
+        if pinned:
+            why = backend.pin_refusal()
+            if why:
+                raise Conflict(why)
         refs = self.matched(backend, tokens)
 
         def job(ev: Event, rs: list[ChunkRef]) -> None:
@@ -361,11 +419,6 @@ class WorkerRuntime:
                 out[name] = refs[-1].end
         return out
 
-    def lookup(self, tokens: Sequence[int]) -> dict[str, list[Any]]:
-        """LMCache's ``layout_info``: the location with the longest prefix (the fastest of
-        equals)."""
-        return self.layout_info(self.lookup_tiers(tokens))
-
     def layout_info(self, tiers: dict[str, int]) -> dict[str, list[Any]]:
         best: tuple[str, int] | None = None
         for name, n in tiers.items():
@@ -383,10 +436,11 @@ class WorkerRuntime:
 
     def export_chunk(self, location: str, key: str) -> tuple[bytes, int]:
         """A chunk's blob and the tokens it covers; StorageError if it is gone."""
+        check_chunk_key(key)
         backend = self.backend(location)
         blob = backend.get(key)
         if blob is None:
-            raise StorageError(f"chunk {key} is not in {location} (evicted or cleared)")
+            raise UnknownChunk(f"chunk {key} is not in {location} (evicted or cleared)")
         return blob, backend.num_tokens(key)
 
     def import_chunk(self, location: str, key: str, blob: bytes, num_tokens: int,
@@ -397,88 +451,84 @@ class WorkerRuntime:
             raise ChecksumMismatch(f"chunk {key}: received bytes hash to {got}, the sender "
                                    f"sent {digest}; nothing stored")
         try:
-            peek_blob(blob)
+            check_chunk_key(key)
+            self.check_blob(blob, num_tokens)
+        except ChunkShapeError as exc:
+            raise TooLarge(f"chunk {key}: {exc}; nothing stored") from None
         except CodecError as exc:
             raise BadRequest(f"chunk {key} is not a kvctl blob: {exc}") from None
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         self.backend(location).put(key, blob, num_tokens)
         return got
 
     def delete_chunk(self, location: str, key: str) -> int:
-        return self.backend(location).delete(key)
+        return self.backend(location).delete(check_chunk_key(key))
 
     # ---- status ------------------------------------------------------------------------
     def locations(self) -> tuple[list[dict[str, Any]], int]:
-        """Stats per location and an error code: 0 healthy, 1 a location is unreachable."""
+        """Stats per location and an error code: 0 healthy, 1 a location is unreachable.
+
+        With each location, its bytes per codec and the engine's reads from it since start
+        (hits, misses, failed reads) and its evictions: what `kvctl workers` shows."""
         out, code = [], 0
+        c = self.store.counters
         for name, backend in self.backends.items():
-            try:
-                s = backend.stats()
-            except Exception:  # an unreachable Redis is reported, not raised
-                code = 1
-                continue
+            if isinstance(backend, LocalCPUBackend | LocalDiskBackend):
+                s: Any = backend.stats()
+            else:
+                s = self._bounded_stats(name, backend)
+                if s is None or s is False:
+                    code = 1
+                    s = self._stats_last.get(name) if s is False else None
+                    if s is None:
+                        continue
+            with c.lock:
+                reads = {t: getattr(c, t).get(name, 0)
+                         for t in ("hits", "misses", "read_failures")}
             out.append({"location": name, "chunks": s.chunks, "bytes": s.bytes,
-                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks})
+                        "capacity_bytes": s.capacity_bytes, "pinned_chunks": s.pinned_chunks,
+                        "bytes_by_codec": dict(sorted(s.bytes_by_codec.items())),
+                        "evictions": s.evictions, **reads})
         return out, code
+
+    def _bounded_stats(self, name: str, backend: StorageBackend) -> Any:
+        """A location's stats within STATS_WAIT_S: the stats, False if they did not come in
+        time (a frozen Redis: the call goes on in its thread), None if the location failed.
+        Heartbeats never wait longer on storage."""
+        fut = self._stats_futs.get(name)
+        if fut is None or fut.done():
+            fut = self._stats_pool.submit(backend.stats)
+            self._stats_futs[name] = fut
+        try:
+            s = fut.result(timeout=STATS_WAIT_S)
+        except FutureTimeout:
+            return False
+        except Exception:  # an unreachable Redis is reported, not raised
+            return None
+        self._stats_last[name] = s
+        return s
 
     def info(self) -> dict[str, Any]:
         locs, code = self.locations()
         return {"instance_id": self.instance_id, "worker_id": self.worker_id,
                 "chunk_size": self.settings.chunk_size, "started_at": self.started_at,
+                "pid": os.getpid(),
                 "error_code": code, "locations": locs, "queue_depth": self.queue_depth()}
 
     # ---- the engine's side ----------------------------------------------------------
-    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None
-                 ) -> int:
-        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk.
+    def store_kv(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        """Save the fp16 KV of ``tokens`` (``[L, 2, T, H, D]``) chunk by chunk, into every
+        configured tier (write-through, see TieredStore). Chunks already present (possibly
+        compressed) are left alone. Returns chunks written (summed over tiers)."""
+        return sum(self.store.store(self.refs(tokens), kv).values())
 
-        Without ``location``, write-through: into every configured tier (see TieredStore).
-        Chunks already present (possibly compressed) are left alone. Returns chunks written
-        (summed over tiers).
-        """
-        import torch
-
-        if location is None:
-            return sum(self.store.store(self.refs(tokens), kv).values())
-        backend = self.backend(location)
-        written = 0
-        for ref in self.refs(tokens):
-            if ref.end > kv.shape[2] or backend.contains(ref.key):
-                continue
-            part = kv[:, :, ref.start:ref.end].to(torch.float16)
-            backend.put(ref.key, self._raw.encode(part), ref.num_tokens)
-            written += 1
-        return written
-
-    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None,
-                    location: str | None = None) -> tuple[int, torch.Tensor | None]:
-        """The stored KV of the longest stored prefix of ``tokens``, decoding as needed.
-
-        Without ``location``, read-through: each chunk from the fastest tier holding it.
-        """
-        import torch
-
-        if location is None:
-            got = self.store.load(self.refs(tokens), max_tokens)
-            return got.num_tokens, got.kv
-        backend = self.backend(location)
-        parts = []
-        n = 0
-        for ref in self.refs(tokens):
-            blob = backend.get(ref.key)
-            if blob is None:
-                break
-            try:
-                parts.append(decode_blob(blob, device=self.device))
-            except CodecError as exc:
-                log.warning("stored chunk %s is unreadable (%s); recomputing it", ref.key, exc)
-                break
-            n = ref.end
-        if not parts:
-            return 0, None
-        kv = torch.cat(parts, dim=2)
-        if max_tokens is not None and n > max_tokens:
-            kv, n = kv[:, :, :max_tokens], max_tokens
-        return n, kv
+    def load_prefix(self, tokens: Sequence[int], max_tokens: int | None = None
+                    ) -> tuple[int, torch.Tensor | None]:
+        """The stored KV of the longest stored prefix of ``tokens``, each chunk read from
+        the fastest tier holding it (read-through), decoding as needed."""
+        got = self.store.load(self.refs(tokens), max_tokens)
+        return got.num_tokens, got.kv
 
     # ---- lifecycle ------------------------------------------------------------------
     def queue_depth(self) -> int:
@@ -487,6 +537,7 @@ class WorkerRuntime:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._io_pool.shutdown(wait=True, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)
         self._codec.shutdown(wait=True, cancel_futures=True)
         for b in self.backends.values():
             b.close()
@@ -496,6 +547,23 @@ def _log_warm_up(fut: Any) -> None:
     # never fatal: the first real job will report the real error
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("codec warm-up failed: %s", fut.exception())
+
+
+def _stacked(chunks: Sequence[tuple[str | None, Sequence[str]]], target: str
+             ) -> dict[str, int]:
+    """Lossy methods other than ``target`` that the chunks went through, counted per method
+    (one chunk counts once, under its latest such method): (current label, history) each."""
+    out: dict[str, int] = {}
+    for label, history in chunks:
+        seen = [m for m in (*history, label) if m is not None and m not in (target,
+                UNKNOWN_CODEC) and not _lossless(m)]
+        if seen:
+            out[seen[-1]] = out.get(seen[-1], 0) + 1
+    return out
+
+
+def _held(lossy: dict[str, int]) -> str:
+    return ", ".join(f"{n} with {label}" for label, n in sorted(lossy.items()))
 
 
 def _lossless(label: str) -> bool:

@@ -17,7 +17,6 @@ the front of the load buffer, narrowing the buffer to the bytes read.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lmcache.lmcache_native import Bitmap
+from lmcache.logging import init_logger
 from lmcache.v1.distributed.internal_api import L2StoreResult
 from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface, L2TaskId
 from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from lmcache.v1.distributed.internal_api import L1MemoryDesc
     from lmcache.v1.memory_management import MemoryObj
 
-log = logging.getLogger("kvctl.lmcache")
+# LMCache configures only its own loggers: without its handler an INFO line would be lost
+log = init_logger("kvctl.lmcache")
 
 MAX_IO_WORKERS = 32
 # A writer's temporary file older than this is a leftover of a crash, not a write in
@@ -116,7 +117,11 @@ class KvctlFSL2Adapter(L2AdapterInterface):
         self._pool = ThreadPoolExecutor(max_workers=config.io_workers,
                                         thread_name_prefix="kvctl-fs-l2")
         self._closed = False
-        log.info("kvctl FS L2 adapter at %s", self._base)
+        from kvctl import __version__
+
+        log.info("kvctl %s: KvctlFSL2Adapter loaded, storing blobs at their real size in %s "
+                 "(fsync %s, %d I/O threads)", __version__, self._base,
+                 "on" if config.fsync else "off", config.io_workers)
 
     def _sweep_temporaries(self) -> None:
         """Remove temporary files (``kvctl.common.paths.atomic_write`` names them

@@ -54,9 +54,9 @@ async def lookup(body: LookupRequest, request: Request) -> LookupResponse:
     """Where the longest stored prefix of `tokens` lives, per instance (`layout_info`, as
     LMCache answers; every live worker is asked), and how many tokens of it each location
     holds (`tiers`)."""
-    layout, tiers = await controller(request).lookup(body.tokens)
+    layout, tiers, late = await controller(request).lookup(body.tokens)
     return LookupResponse(event_id=f"lookup-{uuid.uuid4().hex}", layout_info=layout,
-                          tiers=tiers)
+                          tiers=tiers, late=late)
 
 
 @router.post("/clear", response_model=OpResponse)

@@ -11,7 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from kvctl.codecs import available_methods
 from kvctl.server.http.routers.cache import controller
 from kvctl.server.http.schemas import (
+    ClusterHealth,
     CodecList,
+    DeregisterRequest,
+    DeregisterResponse,
     HealthRequest,
     HealthResponse,
     HeartbeatRequest,
@@ -27,10 +30,18 @@ router = APIRouter(tags=["cluster"])
 @router.post("/health", response_model=HealthResponse)
 async def health(body: HealthRequest, request: Request) -> HealthResponse:
     """Error code per worker of an instance: 0 healthy, 1 a storage location failed, 2 dead."""
-    views = await controller(request).workers(body.instance_id)
-    return HealthResponse(event_id=f"health-{uuid.uuid4().hex}",
-                          error_codes={v["worker_id"]: v["error_code"] for v in views},
+    codes, views = await controller(request).health_codes(body.instance_id)
+    return HealthResponse(event_id=f"health-{uuid.uuid4().hex}", error_codes=codes,
                           workers=views)  # type: ignore[arg-type]
+
+
+@router.get("/health", response_model=ClusterHealth)
+async def cluster_health(request: Request) -> ClusterHealth:
+    """The controller answers, with the error code of every registered worker (a probe's
+    GET; LMCache's POST /health asks about one instance)."""
+    views = await controller(request).workers()
+    return ClusterHealth(status="ok", error_codes={
+        f"{v['instance_id']}/{v['worker_id']}": v["error_code"] for v in views})
 
 
 @router.post("/query_worker_info", response_model=WorkerInfoResponse)
@@ -61,6 +72,12 @@ async def heartbeat(body: HeartbeatRequest, request: Request) -> HeartbeatRespon
     return HeartbeatResponse(**await controller(request).heartbeat(body.model_dump(), False))
 
 
+@router.post("/workers/deregister", response_model=DeregisterResponse)
+async def deregister(body: DeregisterRequest, request: Request) -> DeregisterResponse:
+    """A worker stops cleanly: it is shown dead at once; a later register revives it."""
+    return DeregisterResponse(stopped=await controller(request).deregister(body.model_dump()))
+
+
 @router.get("/codecs", response_model=CodecList)
 async def codecs() -> CodecList:
     """Method strings `compress` accepts."""
@@ -73,5 +90,7 @@ async def metrics(request: Request) -> Response:
 
     ctl = controller(request)
     views = await ctl.workers()
-    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views)
+    stats = ctl.lmcache.stats() if ctl.lmcache is not None else None
+    body = await asyncio.to_thread(render_controller_metrics, ctl.runtime, views,
+                                   getattr(request.app.state, "request_metrics", None), stats)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

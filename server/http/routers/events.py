@@ -8,7 +8,12 @@ from fastapi import APIRouter, Query, Request
 
 from kvctl.common.events import STATUS_PATTERN, Event
 from kvctl.server.http.routers.cache import controller
-from kvctl.server.http.schemas import CheckFinishRequest, CheckFinishResponse, EventList
+from kvctl.server.http.schemas import (
+    MAX_NAME_CHARS,
+    CheckFinishRequest,
+    CheckFinishResponse,
+    EventList,
+)
 
 router = APIRouter(tags=["events"])
 
@@ -25,9 +30,13 @@ async def list_events(
     request: Request,
     status: Annotated[str | None, Query(pattern=STATUS_PATTERN)] = None,
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+    instance: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME_CHARS)] = None,
+    method: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME_CHARS)] = None,
 ) -> EventList:
-    """Recent events, oldest first."""
-    return EventList(events=await controller(request).list_events(status, limit))
+    """Recent events, oldest first; only those of ``instance``, in ``status``, or with
+    ``method`` (a method string, or a codec name for all of its levels) if given."""
+    return EventList(events=await controller(request).list_events(status, limit, instance,
+                                                                  method))
 
 
 @router.get("/events/{event_id}", response_model=Event)

@@ -1,0 +1,2 @@
+"""kvctl as the coordinator of LMCache multiprocess servers (`kvctl serve --coordinator-port`).
+"""
