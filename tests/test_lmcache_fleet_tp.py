@@ -69,6 +69,12 @@ def test_commands_fan_out_to_every_rank_and_must_agree(tp):
     h = httpx.post(api + "/health", json={"instance_id": INST}).json()
     assert h["error_codes"] == {"0": 0, "1": 0}
     metrics = httpx.get(api + "/metrics").text
-    assert f'kvctl_worker_up{{instance_id="{INST}"}} 1.0' in metrics
-    assert f'kvctl_worker_chunks{{instance_id="{INST}",location="{LOC}"}} 4.0' in metrics
+    # one series per rank: an LMCache instance has a worker per tensor-parallel rank
+    for rank in (0, 1):
+        assert f'kvctl_worker_up{{instance_id="{INST}",worker_id="{rank}"}} 1.0' in metrics
+
+    per_rank = [line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+                if line.startswith("kvctl_worker_chunks{") and f'instance_id="{INST}"' in line
+                and f'location="{LOC}"' in line]
+    assert per_rank and sum(map(float, per_rank)) == 4.0, per_rank
     assert "kvctl_lmcache_full_syncs_total 0.0" in metrics
