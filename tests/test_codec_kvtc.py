@@ -48,7 +48,32 @@ def test_basis_file_round_trips_and_its_id_is_its_content():
     b = toy_basis()
     again = kvb.from_bytes(b.to_bytes())
     assert again.id == b.id and np.array_equal(again.vectors, b.vectors)
+    assert np.array_equal(again.weight, np.ones((2, 2, 8), np.float32))
     assert toy_basis(seed=1).id != b.id
+    # the component weights are what a decoder multiplies by: part of the id
+    w = np.full((2, 2, 8), 0.5, np.float32)
+    weighted = kvb.Basis(model="toy", key="test", mean=b.mean, vectors=b.vectors,
+                         scale=b.scale, weight=w)
+    assert weighted.id != b.id
+    assert np.array_equal(kvb.from_bytes(weighted.to_bytes()).weight, w)
+    with pytest.raises(InvalidParamsError):
+        kvb.Basis(model="toy", key="test", mean=b.mean, vectors=b.vectors, scale=b.scale,
+                  weight=-w)
+
+
+def test_weights_scale_the_error_per_component():
+    """A component weighted 4x coarser carries about 4x the error of one weighted 1x."""
+    L, C = 1, 8
+    w = np.ones((L, 2, C), np.float32)
+    w[:, :, 4:] = 4.0
+    b = kvb.Basis(model="toy", key="test", mean=np.zeros((L, 2, C), np.float32),
+                  vectors=np.eye(C, dtype=np.float16)[None, None].repeat(2, 1),
+                  scale=np.ones((L, 2, C), np.float32), weight=w)
+    kvb.register_basis(b)
+    kv = torch.randn(L, 2, 2000, 1, C, generator=torch.Generator().manual_seed(0)) * 3
+    err = (decode_blob(get_codec("kvtc", basis=b.id).encode(kv)) - kv)[:, :, 1:, 0]
+    fine, coarse = err[..., :4].square().mean().sqrt(), err[..., 4:].square().mean().sqrt()
+    assert 3.0 < float(coarse / fine) < 5.0
     # the encoder-only meta is not part of the id
     assert kvb.Basis(model="other", key="k", mean=b.mean, vectors=b.vectors, scale=b.scale,
                      meta={"multipliers": {}}).id == b.id
