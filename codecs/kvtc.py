@@ -70,7 +70,7 @@ class Level:
 
 
 LEVELS: dict[str, Level] = {
-    "default": Level(key_step=0.30, value_step=0.60),
+    "default": Level(key_step=0.255, value_step=0.51),
     "compact": Level(key_step=0.60, value_step=1.20),
     "max": Level(key_step=1.00, value_step=2.00),
 }

@@ -76,7 +76,7 @@ def test_weights_scale_the_error_per_component():
     assert 3.0 < float(coarse / fine) < 5.0
     # the encoder-only meta is not part of the id
     assert kvb.Basis(model="other", key="k", mean=b.mean, vectors=b.vectors, scale=b.scale,
-                     meta={"multipliers": {}}).id == b.id
+                     weight=b.weight, meta={"multipliers": {}}).id == b.id
 
 
 @pytest.mark.parametrize("where", [10, 200, -5])
@@ -161,7 +161,9 @@ def test_the_basis_buys_ratio_at_equal_error(method, chunk):
     plain = codec_for_method(method)
     b1, b2 = with_basis.encode(chunk), plain.encode(chunk)
     assert len(b1) < 0.97 * len(b2)
-    assert rel_error(decode_blob(b1), chunk) < 1.25 * rel_error(decode_blob(b2), chunk)
+    # the profile and the component weights move squared error to what the model reads
+    # least, so the plain relative error is allowed to grow a little
+    assert rel_error(decode_blob(b1), chunk) < 1.35 * rel_error(decode_blob(b2), chunk)
 
 
 @pytest.mark.parametrize("method", ["kvtc", "kvtc-max"])
