@@ -1,4 +1,4 @@
-"""Single-thread encode/decode speed of cachegen's levels on real KV of both embedded models.
+"""Single-thread encode/decode speed of the codecs' levels on real KV of both embedded models.
 
 The issue's floor is 200 MB/s encode and 150 MB/s decode of fp16 KV per core. `kvctl bench`
 times one run per chunk as a side figure; this script is the speed measurement itself: the
@@ -8,7 +8,9 @@ rounds, each timing every chunk once; the median and the range of the per-round 
 The machine is a shared VM: a round that lands on a busy host core reads 20-30% slower,
 which is why the range is printed beside the median.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/codec_speed.py [--rounds 15] [--markdown FILE]
+Usage: OMP_NUM_THREADS=1 python benchmarks/codec_speed.py [--rounds 15] [--method M ...]
+[--markdown FILE] (methods: cachegen's levels by default; int8 beside them gives a reference
+ratio that does not depend on the machine's speed).
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from kvctl.common.model import BUILTINS
 METHODS = ("cachegen", "cachegen-compact")
 
 
-def measure(model: str, rounds: int) -> list[dict]:
+def measure(model: str, rounds: int, methods: tuple[str, ...] = METHODS) -> list[dict]:
     work = text_workload(None, model=model)
     served = BUILTINS[model].served_name
     profile = load_profile(served)
     rows = []
-    for method in METHODS:
+    for method in methods:
         codec = codec_for(method, profile)
         blobs = [codec.encode(c) for c in work.chunks]  # warm-up: compilation, allocation
         [decode_blob(b) for b in blobs]
@@ -56,13 +58,14 @@ def measure(model: str, rounds: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], rounds: int) -> str:
+def markdown(rows: list[dict], rounds: int, methods: tuple[str, ...] = METHODS) -> str:
     info = machine_info()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path(
         "/proc/loadavg").exists() else "n/a"
     lines = [
-        "# cachegen speed, one thread", "",
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/codec_speed.py --rounds {rounds}`", "",
+        "# codec speed, one thread", "",
+        "Command: `OMP_NUM_THREADS=1 python benchmarks/codec_speed.py --rounds "
+        f"{rounds}{''.join(f' --method {m}' for m in methods)}`", "",
         f"- Machine: {info['cpu']} ({info['arch']}, {info['cores']} cores, GPU: {info['gpu']}),"
         f" a shared VM; load average after the run: {load}.",
         f"- Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}, numba "
@@ -85,11 +88,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    ap.add_argument("--method", action="append", help="method to time (repeatable)")
     args = ap.parse_args()
+    methods = tuple(args.method or METHODS)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    rows = [r for model in BUILTINS for r in measure(model, args.rounds)]
-    text = markdown(rows, args.rounds)
+    rows = [r for model in BUILTINS for r in measure(model, args.rounds, methods)]
+    text = markdown(rows, args.rounds, methods)
     print(text)
     if args.markdown:
         args.markdown.write_text(text, encoding="utf-8")

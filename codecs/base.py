@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kvctl.codecs import blob as _blob
 from kvctl.codecs.errors import (
+    BlobError,
     CorruptBlobError,
     InvalidInputError,
     InvalidParamsError,
@@ -139,7 +140,7 @@ class BaseCodec:
             return torch.empty(info.shape, dtype=dtype, device=device)
         try:
             out = self._decode(payload, info, device)
-        except CorruptBlobError:
+        except BlobError:  # already typed (a corrupt payload, a missing basis)
             raise
         except (ValueError, IndexError, RuntimeError, OverflowError, KeyError, TypeError) as exc:
             # The checksum matched, so this is a well-formed blob whose payload disagrees

@@ -9,13 +9,19 @@ processes that agree on the id agree on the numbers; one that lacks it raises
 
 File format (little endian, never pickle)::
 
-    magic    4 bytes  b"KVB1"
+    magic    4 bytes  b"KVB2"
     hdr_len  u32      length of the JSON header
     header   JSON     {"model", "key", "layers", "channels", "id", "meta": {...}}
     mean     float32  [layers, 2, channels]
     vectors  float16  [layers, 2, channels, channels]  (column j = component j)
+    weight   float32  [layers, 2, channels]  (each component's step multiplier)
     scale    float32  [layers, 2, channels]  (the components' calibration std)
     digest   32 bytes blake2b of everything above
+
+``weight`` spreads a (layer, K/V)'s bits over its components by what the model's output
+reads of them (``kvctl.common.transform``: the diagonal Fisher information of the
+next-token distribution in the basis), geometric mean 1 per (layer, K/V); it is part of the
+id, since a decoder multiplies by it.
 
 ``meta`` is for the encoder only (step multipliers per level); it is not part of the id.
 Files are found by id in the committed folder (``codecs/bases/``), in folders added with
@@ -41,7 +47,7 @@ from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError, MissingBas
 if TYPE_CHECKING:
     import torch
 
-MAGIC = b"KVB1"
+MAGIC = b"KVB2"
 COMMITTED = Path(__file__).resolve().parent / "bases"
 _ID = re.compile(r"^kvb-[0-9a-f]{16}$")
 MAX_CHANNELS = 4096
@@ -51,13 +57,15 @@ MAX_LAYERS = 1024
 @dataclass(frozen=True, eq=False)
 class Basis:
     """One model's bases. ``mean`` [L, 2, C] float32, ``vectors`` [L, 2, C, C] float16
-    (orthonormal columns, strongest component first), ``scale`` [L, 2, C] float32."""
+    (orthonormal columns, strongest component first), ``scale`` [L, 2, C] float32,
+    ``weight`` [L, 2, C] float32 (step multipliers; all ones when not given)."""
 
     model: str
     key: str
     mean: np.ndarray
     vectors: np.ndarray
     scale: np.ndarray
+    weight: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     _on_device: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -69,13 +77,20 @@ class Basis:
     def channels(self) -> int:
         return int(self.mean.shape[2])
 
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            object.__setattr__(self, "weight", np.ones_like(self.mean, dtype=np.float32))
+        elif self.weight.shape != self.mean.shape or not (self.weight > 0).all():
+            raise InvalidParamsError("a basis' weights are positive, one per component")
+
     @property
     def id(self) -> str:
-        return content_id(self.mean, self.vectors)
+        return content_id(self.mean, self.vectors, self.weight)
 
     def tensors(self, device: Any) -> tuple[torch.Tensor, ...]:
         """(vectors [L, 2, C, C], their transpose (contiguous), mean [L, 2, 1, C], the mean
-        in coefficients [L, 2, 1, C]), float32 on ``device``, made once per device."""
+        in coefficients [L, 2, 1, C], weight [L, 2, 1, C]), float32 on ``device``, made once
+        per device."""
         import torch
 
         dev = str(torch.device(device))
@@ -83,7 +98,9 @@ class Basis:
         if dev not in cache:
             u = torch.from_numpy(orthonormal(self.vectors)).to(dev)
             m = torch.from_numpy(self.mean.copy()).to(dev).unsqueeze(2)
-            cache[dev] = (u, u.transpose(-1, -2).contiguous(), m, torch.matmul(m, u))
+            w = torch.from_numpy(np.asarray(self.weight, np.float32).copy()).to(dev)
+            cache[dev] = (u, u.transpose(-1, -2).contiguous(), m, torch.matmul(m, u),
+                          w.unsqueeze(2))
         return cache[dev]
 
     def to_bytes(self) -> bytes:
@@ -93,6 +110,7 @@ class Basis:
         body = b"".join((MAGIC, struct.pack("<I", len(header)), header,
                          self.mean.astype("<f4").tobytes(),
                          self.vectors.astype("<f2").tobytes(),
+                         np.asarray(self.weight).astype("<f4").tobytes(),
                          self.scale.astype("<f4").tobytes()))
         return body + hashlib.blake2b(body, digest_size=32).digest()
 
@@ -108,12 +126,13 @@ def orthonormal(vectors: np.ndarray) -> np.ndarray:
     return (u @ inv_sqrt).astype(np.float32)
 
 
-def content_id(mean: np.ndarray, vectors: np.ndarray) -> str:
-    """``kvb-`` + 16 hex digits of blake2b over the shape, means and vectors."""
+def content_id(mean: np.ndarray, vectors: np.ndarray, weight: np.ndarray) -> str:
+    """``kvb-`` + 16 hex digits of blake2b over the shape, means, vectors and weights."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack("<III", *vectors.shape[:1], vectors.shape[2], 2))
+    h.update(struct.pack("<III", *vectors.shape[:1], vectors.shape[2], 3))
     h.update(np.ascontiguousarray(mean, dtype="<f4").tobytes())
     h.update(np.ascontiguousarray(vectors, dtype="<f2").tobytes())
+    h.update(np.ascontiguousarray(weight, dtype="<f4").tobytes())
     return "kvb-" + h.hexdigest()
 
 
@@ -133,7 +152,7 @@ def from_bytes(data: bytes, where: str = "basis") -> Basis:
     if not (1 <= L <= MAX_LAYERS and 1 <= C <= MAX_CHANNELS):
         raise CorruptBlobError(f"{where}: {L} layers x {C} channels out of range")
     off = 8 + hlen
-    sizes = (4 * L * 2 * C, 2 * L * 2 * C * C, 4 * L * 2 * C)
+    sizes = (4 * L * 2 * C, 2 * L * 2 * C * C, 4 * L * 2 * C, 4 * L * 2 * C)
     if len(body) != off + sum(sizes):
         raise CorruptBlobError(f"{where}: {len(body)} bytes, the header says "
                                f"{off + sum(sizes)}")
@@ -141,9 +160,13 @@ def from_bytes(data: bytes, where: str = "basis") -> Basis:
     off += sizes[0]
     vec = np.frombuffer(body, "<f2", L * 2 * C * C, off).reshape(L, 2, C, C).copy()
     off += sizes[1]
+    weight = np.frombuffer(body, "<f4", L * 2 * C, off).reshape(L, 2, C).astype(np.float32)
+    off += sizes[2]
     scale = np.frombuffer(body, "<f4", L * 2 * C, off).reshape(L, 2, C).astype(np.float32)
+    if not (np.isfinite(weight).all() and (weight > 0).all()):
+        raise CorruptBlobError(f"{where}: a component weight is not a positive number")
     b = Basis(model=str(hdr.get("model", "")), key=str(hdr.get("key", "")), mean=mean,
-              vectors=vec, scale=scale, meta=dict(hdr.get("meta") or {}))
+              vectors=vec, scale=scale, weight=weight, meta=dict(hdr.get("meta") or {}))
     if hdr.get("id") != b.id:
         raise CorruptBlobError(f"{where}: content does not match its id {hdr.get('id')!r}")
     return b

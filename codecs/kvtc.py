@@ -12,6 +12,9 @@ uniform quantization of the coefficients.
   not squared error everywhere alike: the steps of each (layer, K/V) are scaled by a
   measured profile (the KL divergence of the next-token distribution when that tensor
   alone is quantized, ``kvctl.common.transform``), the same rule as cachegen's profiles.
+  Within a (layer, K/V), the basis' component weights scale each component's step by what
+  the output reads of it (the diagonal Fisher information of the next-token distribution,
+  geometric mean 1): a component the model's attention barely reads gets a coarser step.
 * Keys: one step per layer, in units of the RMS of the basis' components (a constant of
   the model, so re-encoding finds the same step). Values: one step per (token, layer), in
   units of the token's RMS (a value that attention reads heavily may be small; a step
@@ -67,9 +70,9 @@ class Level:
 
 
 LEVELS: dict[str, Level] = {
-    "default": Level(key_step=0.30, value_step=0.60),
-    "compact": Level(key_step=0.50, value_step=1.00),
-    "max": Level(key_step=0.80, value_step=1.60),
+    "default": Level(key_step=0.255, value_step=0.51),
+    "compact": Level(key_step=0.60, value_step=1.20),
+    "max": Level(key_step=1.00, value_step=2.00),
 }
 
 
@@ -136,9 +139,9 @@ class TransformCodec(BaseCodec):
         return self._bank
 
     def _transform(self, L: int, C: int, device: Any, encoding: bool) -> tuple[Any, ...]:
-        """(vectors, transposed, mean, mean in coefficients, basis) or all None."""
+        """(vectors, transposed, mean, mean in coefficients, weight, basis) or all None."""
         if self.basis_id is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         b = _basis.find_basis(self.basis_id)
         if (b.layers, b.channels) != (L, C):
             what = (f"basis {self.basis_id} is for {b.layers} layers x {b.channels} channels "
@@ -166,7 +169,7 @@ class TransformCodec(BaseCodec):
             raise InvalidParamsError(
                 f"kvtc profile has {len(self.profile)} layers but the chunk has {L}: it was "
                 "measured for another model (or shard); use that model's profile or none")
-        u, _, _, mc, b = self._transform(L, C, kv.device, True)
+        u, _, _, mc, w, b = self._transform(L, C, kv.device, True)
         first = kv[:, :, :1]
         self.check_finite(kv[:, :, :1].float())
         x = kv[:, :, 1:].reshape(L, 2, B, C).to(torch.float32)
@@ -175,9 +178,14 @@ class TransformCodec(BaseCodec):
         # [L, 2, B, C] coefficients; with the mean in coefficients (mc) a token's norm
         # is known without going back
         y = x if u is None else torch.matmul(x, u).sub_(mc)
+        # a token's value norm, for its step: of the vector itself, not the weighted
+        # coefficients
+        vnorm = torch.linalg.vector_norm(x[:, 1], dim=-1, keepdim=True)
+        if w is not None:  # the basis' weights: a component's step is its weight times
+            y.div_(w)      # the (layer, K/V, token)'s
         keys, vals = y[:, 0], y[:, 1]
         kcode = self._key_codes(keys, b, kv.device, dtype_name(kv.dtype))
-        vcode, vref = self._value_codes(vals, mc, dtype_name(kv.dtype))
+        vcode, vref = self._value_codes(vals, vnorm, dtype_name(kv.dtype))
         ks = _step(kcode).view(L, 1, 1)
         vs = _step(vcode)  # [L, B, 1]
         q = torch.empty_like(y)
@@ -220,21 +228,17 @@ class TransformCodec(BaseCodec):
         c0 = _code(spread.view(L, 1, 1) * mult * self.cfg.key_step)
         return _on_grid(keys.reshape(L, 1, -1), c0, dtype).view(L)
 
-    def _value_codes(self, vals: torch.Tensor, mc: torch.Tensor | None, dtype: str
+    def _value_codes(self, vals: torch.Tensor, vnorm: torch.Tensor, dtype: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(step code per (layer, token) ``[L, B, 1]``, reference per layer ``[L]``)."""
+        """(step code per (layer, token) ``[L, B, 1]``, reference per layer ``[L]``) for the
+        coefficients ``vals`` of value vectors whose norms are ``vnorm`` ``[L, B, 1]``."""
         import torch
 
         L, B, C = vals.shape
         k = self._multipliers(L, 1, vals) * (self.cfg.value_step / C ** 0.5)
-        m = None if mc is None else mc[:, 1]
-
-        def norm(y: torch.Tensor) -> torch.Tensor:
-            return torch.linalg.vector_norm(y if m is None else y + m, dim=-1, keepdim=True)
-
         if B == 0:
             return vals.new_zeros((L, 0, 1)), vals.new_zeros((L,))
-        code = _on_grid(vals, _code(norm(vals) * k), dtype)
+        code = _on_grid(vals, _code(vnorm * k), dtype)
         # codes travel relative to their layer's reference, within the alphabet: one far
         # below the rest pulls the reference down (a finer step only costs bits), one far
         # above is made finer
@@ -249,7 +253,7 @@ class TransformCodec(BaseCodec):
 
         L, _, T, H, D = info.shape
         B, C = T - 1, H * D
-        _, ut, mean, _, _ = self._transform(L, C, device, False)
+        _, ut, mean, _, weight, _ = self._transform(L, C, device, False)
         bank = self.bank
         r = Reader(payload)
         first = r.tensor(torch.float16, (L, 2, 1, H, D), device)
@@ -296,6 +300,8 @@ class TransformCodec(BaseCodec):
         q.add_(shift)
         q[:, 0].mul_(_step(kcode).view(L, 1, 1))
         q[:, 1].mul_(_step(vcode))
+        if weight is not None:
+            q.mul_(weight)
         x = q if ut is None else torch.matmul(q, ut).add_(mean)
         if info.dtype == "float16":  # a rounding past the largest half must not be inf
             x.clamp_(-FP16_MAX, FP16_MAX)

@@ -32,12 +32,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvctl.common")
 
-TRANSFORM_VERSION = 1
+TRANSFORM_VERSION = 2
 # tokens read from each calibration text for the covariances (both texts: ~1800 vectors
 # per (layer, K/V), for at most 256 channels on the bundled models)
 BASIS_TOKENS = 1024
 # the level whose sensitivities set every level's multipliers (one measurement, not three)
 PROFILE_LEVEL = "compact"
+# component weights from the Fisher information F_j of the next-token distribution:
+# weight (F_j / G) ** -WEIGHT_EXPONENT (G their geometric mean per (layer, K/V)). The
+# quadratic optimum is 1/2; the Fisher is a local, noisy estimate of what a coarse step
+# does, so it is shrunk, as the layer profile's exponent is, and clamped
+WEIGHT_EXPONENT = 0.3
+WEIGHT_CLAMP = 4.0
+# label samples per calibration text (each a backward pass over the continuation)
+FISHER_SAMPLES = 4
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, Basis | None] = {}
@@ -47,7 +55,8 @@ def transform_key() -> str:
     """What a basis depends on besides the model. Not the level steps: the multipliers
     are relative (their geometric mean is 1), so a retuned level keeps its model's basis
     and every blob made with it; a change of the measurement bumps the version."""
-    consts = {"tokens": BASIS_TOKENS, "profile_level": PROFILE_LEVEL}
+    consts = {"tokens": BASIS_TOKENS, "profile_level": PROFILE_LEVEL,
+              "weight": [WEIGHT_EXPONENT, WEIGHT_CLAMP, FISHER_SAMPLES]}
     tag = hashlib.blake2b(json.dumps(consts, sort_keys=True).encode(), digest_size=4)
     return f"t{TRANSFORM_VERSION}-{tag.hexdigest()}"
 
@@ -120,6 +129,57 @@ def compute_basis(model: str, kvs: list[Any]) -> Basis:
                  scale=ev.clamp_min(0).sqrt().float().numpy().astype(np.float32))
 
 
+def fisher_diagonal(lm: LoadedModel, tokenizer: Any, b: Basis, seed: int = 0) -> Any:
+    """The diagonal of the Fisher information of the next-token distribution with respect
+    to the basis' coefficients of the prefix KV, ``[L, 2, C]`` float64, summed over the
+    calibration texts and tokens (each sequence's first token left out: it is exact).
+
+    Labels are sampled from the model's own prediction, so the squared gradient of their
+    summed log-likelihood estimates the Fisher without bias (the cross terms between
+    positions vanish in expectation); the KL a small error ``e`` causes is about
+    ``e^T F e / 2``, so it says which components the output reads."""
+    import torch
+
+    from kvctl.codecs.basis import orthonormal
+    from kvctl.common import calibration
+    from kvctl.common.model import cache_from_kv, prefill
+
+    u = torch.from_numpy(orthonormal(b.vectors)).double()
+    gen = torch.Generator().manual_seed(seed)
+    total = None
+    prefix, cont = calibration.PREFIX, calibration.CONTINUATION
+    for text in calibration.TEXTS:
+        ids = list(tokenizer(text.read_text(encoding="utf-8"))["input_ids"])[:prefix + cont]
+        _, kv = prefill(lm, ids[:prefix], logits_to_keep=1)
+        x = kv.to(torch.float16).float()
+        inp = torch.tensor([ids[prefix:]], device=lm.device)
+        L, _, T, H, D = x.shape
+        for _ in range(FISHER_SAMPLES):
+            xg = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = lm.model(input_ids=inp, cache=cache_from_kv(xg), use_cache=True)
+                # the first continuation logit is the prefix's, which reads no cache
+                lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+                label = torch.multinomial(lp.detach().exp(), 1, generator=gen)
+                lp.gather(1, label).sum().backward()
+            g = torch.matmul(xg.grad.reshape(L, 2, T, H * D).double(), u)[:, :, 1:]
+            f = g.square().sum(dim=2)
+            total = f if total is None else total + f
+    return total
+
+
+def weights_from(fisher: Any) -> Any:
+    """Step multipliers per component ``[L, 2, C]`` float32 from a Fisher diagonal."""
+    import numpy as np
+
+    f = np.asarray(fisher, dtype=np.float64)
+    f = np.maximum(f, f.mean(axis=-1, keepdims=True) * 1e-3 + 1e-30)
+    lg = np.log(f)
+    lg -= lg.mean(axis=-1, keepdims=True)
+    w = np.clip(np.exp(-WEIGHT_EXPONENT * lg), 1 / WEIGHT_CLAMP, WEIGHT_CLAMP)
+    return np.round(w, 4).astype(np.float32)
+
+
 def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
     """Learn ``lm``'s basis from the calibration texts, then measure its step profile."""
     import torch
@@ -146,6 +206,14 @@ def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
     finally:
         torch.set_num_threads(prev)
     b = compute_basis(lm.name, kvs)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fisher = fisher_diagonal(lm, tokenizer, b)
+    finally:
+        torch.set_num_threads(prev)
+    b = Basis(model=b.model, key=b.key, mean=b.mean, vectors=b.vectors, scale=b.scale,
+              weight=weights_from(fisher.numpy()))
     register_basis(b)
     codec = get_codec("kvtc", level=PROFILE_LEVEL, basis=b.id)
     sens = calibration.measure(lm, tokenizer, PROFILE_LEVEL, codec=codec)
@@ -155,7 +223,7 @@ def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
     meta = {"sensitivity": sens, "multipliers": {lvl: mult for lvl in kvtc.LEVELS},
             "texts": [t.name for t in calibration.TEXTS], "tokens": BASIS_TOKENS}
     out = Basis(model=b.model, key=b.key, mean=b.mean, vectors=b.vectors, scale=b.scale,
-                meta=meta)
+                weight=b.weight, meta=meta)
     register_basis(out)
     return out
 
