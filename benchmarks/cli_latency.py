@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from harness import free_port
+
 PROMPT = "Explain the significance of KV cache in language models."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(argv: list[str]) -> tuple[float, float, int]:

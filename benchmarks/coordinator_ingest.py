@@ -23,7 +23,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,16 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = 100
 CHUNK = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def key(n: int, model: str = "bench-model") -> dict[str, Any]:
