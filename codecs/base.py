@@ -64,6 +64,8 @@ class BaseCodec:
     #: claiming more is refused before anything is allocated, so a decoder's work and
     #: memory stay proportional to the payload it was given, checksum or not.
     max_elements_per_byte: float = 1.0
+    # whether _encode takes the sequence position of the chunk's first token
+    takes_position: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -104,12 +106,24 @@ class BaseCodec:
                 f"{self.name} cannot encode non-finite or out-of-fp16-range values "
                 f"(max |x| = {m}); use the raw codec, which stores them exactly")
 
-    def encode(self, kv: torch.Tensor, history: Sequence[str] = ()) -> bytes:
+    def encode(self, kv: torch.Tensor, history: Sequence[str] = (), position: int = 0
+               ) -> bytes:
         """A blob of ``kv``; ``history`` (the lossy methods ``kv`` went through before)
-        goes into its header."""
+        goes into its header. ``position``: the sequence position of ``kv``'s first token,
+        for codecs that read it (``takes_position``: kvtc undoes the rotary embedding);
+        a wrong one costs ratio, never correctness."""
         self.check_input(kv)
+        if isinstance(position, bool) or not isinstance(position, int) or not (
+                0 <= position < 1 << 31):
+            raise InvalidParamsError(f"position must be an integer in [0, 2**31), got "
+                                     f"{str(position)[:40]}")
         shape = tuple(int(s) for s in kv.shape)
-        payload = b"" if kv.numel() == 0 else self._encode(kv.detach())
+        if kv.numel() == 0:
+            payload = b""
+        elif self.takes_position:
+            payload = self._encode(kv.detach(), position)
+        else:
+            payload = self._encode(kv.detach())
         return _blob.pack(self.name, self.header_params, shape, dtype_name(kv.dtype), payload,
                           history)
 

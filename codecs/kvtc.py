@@ -1,32 +1,28 @@
-"""Transform codec (``kvtc``): a per-model decorrelating basis, then entropy-coded
-uniform quantization of the coefficients.
+"""Transform codec (``kvtc``): the model's own transform, then entropy-coded uniform
+quantization of the coefficients with a step per token.
 
-* Each (layer, K/V) of a chunk is rotated into its basis (``basis.py``: the eigenvectors
-  of the model's calibration KV over all ``heads x head_dim`` channels, so correlated
-  heads and channels share their bits): one batched matmul per chunk, on the tensor's
-  device.
-* Bit allocation is reverse water-filling: every coefficient of a (layer, K/V) gets the
-  same step, so strong components get many bits and weak ones (variance below the step)
-  next to none, which is what an entropy-coded uniform quantizer of decorrelated
-  Gaussians should do for least squared error. What the model's output cares about is
-  not squared error everywhere alike: the steps of each (layer, K/V) are scaled by a
-  measured profile (the KL divergence of the next-token distribution when that tensor
-  alone is quantized, ``kvctl.common.transform``), the same rule as cachegen's profiles.
-  Within a (layer, K/V), the basis' component weights scale each component's step by what
-  the output reads of it (the diagonal Fisher information of the next-token distribution,
-  geometric mean 1): a component the model's attention barely reads gets a coarser step.
-* Keys: one step per layer, in units of the RMS of the basis' components (a constant of
-  the model, so re-encoding finds the same step). Values: one step per (token, layer), in
-  units of the token's RMS (a value that attention reads heavily may be small; a step
-  relative to the layer would round it to noise), chosen so that the decoded token
-  selects the same step again (re-encoding is a fixed point).
-* The chunk's first token is stored exactly (fp16): at the start of a sequence it is the
-  attention sink.
+* Keys are rotated back to before their rotary embedding (the blob carries the chunk's
+  first position; ``encode(kv, position=...)``), then every (layer, K/V) of a chunk goes
+  through its basis' ``encoder`` (``basis.py``): channels whitened by the model's output
+  sensitivity, then decorrelated. One batched matmul per chunk, on the tensor's device.
+* In those coordinates one uniform step is what the model's output asks for across
+  components and layers (reverse water-filling on the whitened coefficients: strong
+  components get many bits, weak ones next to none), so a level is one number, the step
+  in units of the basis' RMS coefficient.
+* Tokens differ: attention reads a few of them heavily and most hardly at all. The basis'
+  predictor estimates from each token's key and value norm how much the output reads it;
+  its step is the level's times ``exp(-GAMMA / 2 * (log-importance - chunk mean))`` (the
+  square-root rule of rate-distortion, shrunk by ``GAMMA`` since the estimate is noisy,
+  and clamped to ``STEP_RANGE``). The steps travel in the blob (one byte per token and
+  (layer, K/V), rANS-coded), so decoding never runs the predictor; a decoded token whose
+  prediction moves keeps the grid it lies on, so re-encoding is a fixed point.
+* A chunk at the start of its sequence (position 0) keeps its first token exactly (fp16):
+  the attention sink, which every later query reads.
 * Symbols: rANS with one table per (layer, K/V, component) from cachegen's fixed bank of
   discretised Gaussians; coefficients beyond the alphabet are stored exactly as integers.
 * Without a basis (``basis=None``: a model never calibrated, odd shapes) the transform is
-  the identity and the key step comes from the chunk (its median channel spread), so the
-  codec works on any tensor; the blob says ``"basis": null``.
+  the identity and the step comes from the chunk (its median channel spread per (layer,
+  K/V)), so the codec works on any tensor; the blob says ``"basis": null``.
 
 A blob's header names its basis by content hash; decoding looks it up (``find_basis``) and
 raises ``MissingBasisError`` naming it when this machine lacks it.
@@ -58,21 +54,26 @@ LO, HI = -CENTER, ALPHABET - 1 - CENTER
 STEP_RES = 4  # step code = round(STEP_RES * log2(step)) + STEP_BIAS, one byte
 STEP_BIAS = 160
 QMAX = 1 << 30  # a coefficient's symbol before the shift, refused beyond (never on fp16)
+MAX_POSITION = (1 << 31) - 1
+# how much of the predicted importance spread a token's step follows (1 = the full
+# square-root rule), and how far a token's step may move from the level's
+GAMMA = 0.5
+STEP_RANGE = (0.1, 10.0)
 
 
 @dataclass(frozen=True)
 class Level:
-    """Key step in units of the RMS of the basis' key components (the chunk's median
-    channel spread without a basis); value step in units of the token vector's RMS."""
+    """``step``: in units of the basis' RMS coefficient. ``plain``: without a basis, in
+    units of the chunk's median channel spread."""
 
-    key_step: float
-    value_step: float
+    step: float
+    plain: float
 
 
 LEVELS: dict[str, Level] = {
-    "default": Level(key_step=0.255, value_step=0.51),
-    "compact": Level(key_step=0.60, value_step=1.20),
-    "max": Level(key_step=1.00, value_step=2.00),
+    "default": Level(step=0.17, plain=0.255),
+    "compact": Level(step=0.27, plain=0.60),
+    "max": Level(step=0.42, plain=1.00),
 }
 
 
@@ -89,22 +90,42 @@ def _step(code: torch.Tensor) -> torch.Tensor:
     return torch.exp2((code - STEP_BIAS) / STEP_RES)
 
 
+def rotate(k: torch.Tensor, freq: torch.Tensor, position: int, inverse: bool
+           ) -> torch.Tensor:
+    """Keys ``[L, T, H, D]`` with (``inverse=False``) or without their rotary embedding
+    (neox layout: channel i pairs with i + D/2) for tokens ``position, position + 1, ...``;
+    ``freq`` ``[L, D/2]`` float64. Angles in float64: positions run into the millions."""
+    import torch
+
+    L, T, _, D = k.shape
+    pos = torch.arange(position, position + T, dtype=torch.float64, device=k.device)
+    ang = pos.view(1, T, 1) * freq.view(L, 1, -1)  # [L, T, D/2]
+    cos = torch.cos(ang).to(k.dtype).unsqueeze(2)
+    sin = torch.sin(ang).to(k.dtype).unsqueeze(2)
+    if inverse:
+        sin = -sin
+    a, b = k[..., :D // 2], k[..., D // 2:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
 class TransformCodec(BaseCodec):
-    """``get_codec("kvtc", level="default" | "compact" | "max", basis=None, profile=None)``.
+    """``get_codec("kvtc", level="default" | "compact" | "max", basis=None)``.
 
     ``basis``: the id of a basis (``kvctl.codecs.basis``) for chunks of this model, or
-    ``None`` for the identity transform. ``profile``: step multipliers ``[[key, value],
-    ...]`` per layer (encoder only, like cachegen's). The header holds level and basis.
+    ``None`` for the identity transform. The header holds level and basis; ``profile`` is
+    accepted for the callers that pass one to every profiled codec and must be ``None``
+    or empty (the basis is the profile).
 
-    Payload: the first token (fp16); deflated side information (key step code per layer,
-    value step reference per layer, int16 symbol shift per (layer, K/V, component), table
-    indices); exceptions (int32 flat index, int32 value); the value step codes' rANS
-    stream; the coefficients' rANS stream.
+    Payload: the first position (u32) and, at position 0, the first token (fp16);
+    deflated side information (step reference per (layer, K/V), int16 symbol shift per
+    (layer, K/V, component), table indices); exceptions (int32 flat index, int32 value); the token
+    steps' rANS stream; the coefficients' rANS stream.
     """
 
     name = "kvtc"
     takes_profile = True
     takes_basis = True
+    takes_position = True
     max_elements_per_byte = elements_per_byte(ALPHABET)
 
     def __init__(self, level: str = "default", basis: str | None = None,
@@ -115,22 +136,21 @@ class TransformCodec(BaseCodec):
         self.level = level
         self.cfg = LEVELS[level]
         self.basis_id = None if basis is None else _basis.check_id(basis)
-        self.profile = check_profile(profile)
+        if check_profile(profile):
+            raise InvalidParamsError("kvtc takes no step profile: its basis allocates the "
+                                     "bits (pass basis=..., or none)")
         self._bank: Bank | None = None
 
     @property
     def params(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"level": self.level, "basis": self.basis_id}
-        if self.profile is not None:
-            out["profile"] = [list(p) for p in self.profile]
-        return out
+        return {"level": self.level, "basis": self.basis_id}
 
     @property
     def header_params(self) -> dict[str, Any]:
         return {"level": self.level, "basis": self.basis_id}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.params, **asdict(self.cfg)}
+        return {**self.params, **asdict(self.cfg), "gamma": GAMMA}
 
     @property
     def bank(self) -> Bank:
@@ -138,10 +158,9 @@ class TransformCodec(BaseCodec):
             self._bank = Bank(ALPHABET, CENTER)
         return self._bank
 
-    def _transform(self, L: int, C: int, device: Any, encoding: bool) -> tuple[Any, ...]:
-        """(vectors, transposed, mean, mean in coefficients, weight, basis) or all None."""
+    def _basis(self, L: int, C: int, encoding: bool) -> _basis.Basis | None:
         if self.basis_id is None:
-            return None, None, None, None, None, None
+            return None
         b = _basis.find_basis(self.basis_id)
         if (b.layers, b.channels) != (L, C):
             what = (f"basis {self.basis_id} is for {b.layers} layers x {b.channels} channels "
@@ -149,49 +168,36 @@ class TransformCodec(BaseCodec):
             if encoding:
                 raise InvalidParamsError(what + ": use that model's basis or none")
             raise CorruptBlobError(what)
-        return (*b.tensors(device), b)
-
-    def _multipliers(self, L: int, kv: int, like: torch.Tensor) -> torch.Tensor | float:
-        import torch
-
-        if self.profile is None:
-            return 1.0
-        return torch.tensor([p[kv] for p in self.profile], dtype=torch.float32,
-                            device=like.device).view(L, 1, 1)
+        return b
 
     # ----------------------------------------------------------------- encoder ----
-    def _encode(self, kv: torch.Tensor) -> bytes:
+    def _encode(self, kv: torch.Tensor, position: int = 0) -> bytes:
         import torch
 
         L, _, T, H, D = kv.shape
-        B, C = T - 1, H * D
-        if self.profile is not None and len(self.profile) != L:
-            raise InvalidParamsError(
-                f"kvtc profile has {len(self.profile)} layers but the chunk has {L}: it was "
-                "measured for another model (or shard); use that model's profile or none")
-        u, _, _, mc, w, b = self._transform(L, C, kv.device, True)
-        first = kv[:, :, :1]
-        self.check_finite(kv[:, :, :1].float())
-        x = kv[:, :, 1:].reshape(L, 2, B, C).to(torch.float32)
+        keep = _kept(position)
+        B, C = T - keep, H * D
+        b = self._basis(L, C, True)
+        first = kv[:, :, :keep]
+        if keep:
+            self.check_finite(first.float())
+        x = kv[:, :, keep:].to(torch.float32)
         if B:
             self.check_finite(x)
-        # [L, 2, B, C] coefficients; with the mean in coefficients (mc) a token's norm
-        # is known without going back
-        y = x if u is None else torch.matmul(x, u).sub_(mc)
-        # a token's value norm, for its step: of the vector itself, not the weighted
-        # coefficients
-        vnorm = torch.linalg.vector_norm(x[:, 1], dim=-1, keepdim=True)
-        if w is not None:  # the basis' weights: a component's step is its weight times
-            y.div_(w)      # the (layer, K/V, token)'s
-        keys, vals = y[:, 0], y[:, 1]
-        kcode = self._key_codes(keys, b, kv.device, dtype_name(kv.dtype))
-        vcode, vref = self._value_codes(vals, vnorm, dtype_name(kv.dtype))
-        ks = _step(kcode).view(L, 1, 1)
-        vs = _step(vcode)  # [L, B, 1]
-        q = torch.empty_like(y)
-        torch.div(keys, ks, out=q[:, 0])
-        torch.div(vals, vs, out=q[:, 1])
-        q.round_().clamp_(-QMAX, QMAX)
+        dt = dtype_name(kv.dtype)
+        if b is None:
+            y = x.reshape(L, 2, B, C)
+            code = self._plain_codes(y, dt)
+        else:
+            a, _, mean, pred, freq = b.tensors(kv.device)
+            if freq is not None:
+                x[:, 0] = rotate(x[:, 0], freq, position + keep, inverse=True)
+            xc = x.reshape(L, 2, B, C) - mean
+            y = torch.matmul(xc, a)
+            code = self._token_codes(y, xc, x[:, 1], pred, b.unit, dt,
+                                     _slack(kv[:, :, keep:], a, dt, freq is not None))
+        code, ref = _relative(code)
+        q = torch.div(y, _step(code)).round_().clamp_(-QMAX, QMAX)
         shift = torch.round(q.mean(dim=2, keepdim=True)).clamp_(-32767, 32767) if B else \
             q.new_zeros((L, 2, 1, C))
         r = q.sub_(shift).to(torch.int32)
@@ -201,64 +207,65 @@ class TransformCodec(BaseCodec):
         sym = (r.clamp_(LO, HI) + CENTER).to(torch.uint8).cpu().numpy().reshape(L * 2, B, C)
         bank = self.bank
         ctx = bank.choose(sym)
-        csym = (vcode - vref.view(L, 1, 1) + CENTER).to(torch.uint8).cpu().numpy()
+        csym = (code - ref + CENTER).to(torch.uint8).cpu().numpy().reshape(L * 2, B, 1)
         cctx = bank.choose(csym)
-        side = b"".join((tensor_bytes(kcode.to(torch.uint8)), tensor_bytes(vref.to(torch.uint8)),
-                         tensor_bytes(shift.to(torch.int16)), cctx.tobytes(), ctx.tobytes()))
+        side = b"".join((tensor_bytes(ref.to(torch.uint8)), tensor_bytes(shift.to(torch.int16)),
+                         cctx.tobytes(), ctx.tobytes()))
         z = zlib.compress(side, 6)
         return b"".join((
-            tensor_bytes(first.half()), struct.pack("<I", len(z)), z,
-            struct.pack("<I", exc_idx.numel()), tensor_bytes(exc_idx), tensor_bytes(exc_val),
-            _words(bank.encode(csym, cctx)), bank.encode(sym, ctx).tobytes()))
+            struct.pack("<I", position), tensor_bytes(first.half()), struct.pack("<I", len(z)),
+            z, struct.pack("<I", exc_idx.numel()), tensor_bytes(exc_idx),
+            tensor_bytes(exc_val), _words(bank.encode(csym, cctx)),
+            bank.encode(sym, ctx).tobytes()))
 
-    def _key_codes(self, keys: torch.Tensor, b: _basis.Basis | None, device: Any,
-                   dtype: str) -> torch.Tensor:
-        """Step code per layer ``[L]``."""
+    def _token_codes(self, y: torch.Tensor, xc: torch.Tensor, vals: torch.Tensor,
+                     pred: torch.Tensor, unit: float, dtype: str, slack: torch.Tensor
+                     ) -> torch.Tensor:
+        """Step code per (layer, K/V, token) ``[L, 2, B, 1]``: the level's step, finer for
+        the tokens the predictor says the output reads (``xc``: centred pre-RoPE KV,
+        ``vals``: the values ``[L, B, H, D]``)."""
         import torch
 
-        L = keys.shape[0]
-        mult = self._multipliers(L, 0, keys)
-        if b is not None:
-            ref = torch.from_numpy(b.scale[:, 0]).to(device).square().mean(-1).sqrt()
-            return _code(ref.view(L, 1, 1) * mult * self.cfg.key_step).view(L)
-        if keys.shape[1] == 0:
-            return keys.new_full((L,), float(STEP_BIAS))
-
-        spread = keys.var(dim=1, unbiased=False).sqrt_().median(dim=-1).values
-        c0 = _code(spread.view(L, 1, 1) * mult * self.cfg.key_step)
-        return _on_grid(keys.reshape(L, 1, -1), c0, dtype).view(L)
-
-    def _value_codes(self, vals: torch.Tensor, vnorm: torch.Tensor, dtype: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(step code per (layer, token) ``[L, B, 1]``, reference per layer ``[L]``) for the
-        coefficients ``vals`` of value vectors whose norms are ``vnorm`` ``[L, B, 1]``."""
-        import torch
-
-        L, B, C = vals.shape
-        k = self._multipliers(L, 1, vals) * (self.cfg.value_step / C ** 0.5)
+        L, _, B, C = y.shape
         if B == 0:
-            return vals.new_zeros((L, 0, 1)), vals.new_zeros((L,))
-        code = _on_grid(vals, _code(vnorm * k), dtype)
-        # codes travel relative to their layer's reference, within the alphabet: one far
-        # below the rest pulls the reference down (a finer step only costs bits), one far
-        # above is made finer
-        ref = torch.minimum(torch.round(code.mean(dim=1, keepdim=True)),
-                            code.amin(dim=1, keepdim=True) - LO).clamp_(0, 255)
-        code = torch.minimum(torch.maximum(code, ref + LO), ref + HI).clamp_(0, 255)
-        return code, ref.view(L)
+            return y.new_zeros((L, 2, 0, 1))
+        vn = torch.linalg.vector_norm(vals.reshape(L, B, C), dim=-1).clamp_min_(1e-6).log_()
+        # [L, B, C] @ [L, C, 2] -> [L, B, 2]: one importance per token for K and for V
+        lg = torch.matmul(xc[:, 0], pred[:, :, :C].transpose(1, 2)) + \
+            vn.unsqueeze(-1) * pred[:, :, C].view(L, 1, 2)
+        lg = lg.transpose(1, 2)
+        lg = lg - lg.mean(dim=-1, keepdim=True)
+        f = torch.exp(lg.mul_(-GAMMA / 2)).clamp_(*STEP_RANGE)
+        step = (unit * self.cfg.step) * f.unsqueeze(-1)
+        return _on_grid(y, _code(step), dtype, slack)
+
+    def _plain_codes(self, y: torch.Tensor, dtype: str) -> torch.Tensor:
+        """Without a basis: one step per (layer, K/V) from the chunk's median channel
+        spread, ``[L, 2, B, 1]``."""
+        L, _, B, C = y.shape
+        if B == 0:
+            return y.new_zeros((L, 2, 0, 1))
+        spread = y.var(dim=2, unbiased=False).sqrt_().median(dim=-1).values  # [L, 2]
+        c0 = _code(spread.clamp_min(1e-12) * self.cfg.plain).view(L, 2, 1, 1)
+        c = _on_grid(y.reshape(L, 2, 1, B * C), c0, dtype)
+        return c.expand(L, 2, B, 1).contiguous()
 
     # ----------------------------------------------------------------- decoder ----
     def _decode(self, payload: memoryview, info: BlobInfo, device: Any) -> torch.Tensor:
         import torch
 
         L, _, T, H, D = info.shape
-        B, C = T - 1, H * D
-        _, ut, mean, _, weight, _ = self._transform(L, C, device, False)
+        b = self._basis(L, H * D, False)
         bank = self.bank
         r = Reader(payload)
-        first = r.tensor(torch.float16, (L, 2, 1, H, D), device)
+        (position,) = struct.unpack("<I", r.take(4))
+        if position > MAX_POSITION:
+            raise CorruptBlobError(f"first position {position} out of range")
+        keep = _kept(position)
+        B, C = T - keep, H * D
+        first = r.tensor(torch.float16, (L, 2, keep, H, D), device)
         (zlen,) = struct.unpack("<I", r.take(4))
-        limit = 2 * L + 4 * L * C + L + 2 * L * C
+        limit = 2 * L + 4 * L * C + 2 * L + 2 * L * C
         d = zlib.decompressobj()
         try:
             raw = d.decompress(r.take(zlen), limit + 1)
@@ -267,10 +274,9 @@ class TransformCodec(BaseCodec):
         if len(raw) != limit or not d.eof or d.unconsumed_tail or d.unused_data:
             raise CorruptBlobError("side information does not match the shape")
         side = Reader(raw)
-        kcode = side.tensor(torch.uint8, (L,), device).float()
-        vref = side.array(np.uint8, L).astype(np.int16).reshape(L, 1, 1)
+        ref = side.array(np.uint8, 2 * L).astype(np.int16).reshape(L, 2, 1, 1)
         shift = side.tensor(torch.int16, (L, 2, 1, C), device).float()
-        cctx = side.array(np.uint8, L).reshape(L, 1)
+        cctx = side.array(np.uint8, 2 * L).reshape(2 * L, 1)
         ctx = side.array(np.uint8, 2 * L * C).reshape(2 * L, C)
         side.done()
         (n_exc,) = struct.unpack("<I", r.take(4))
@@ -284,66 +290,122 @@ class TransformCodec(BaseCodec):
             raise CorruptBlobError("entropy-coded stream has an odd number of bytes")
         words = r.array(np.uint16, rest // 2)
         r.done()
-        for w, count in ((cwords, L * B), (words, 2 * L * B * C)):
+        for w, count in ((cwords, 2 * L * B), (words, 2 * L * B * C)):
             if count > bank.max_symbols(w.size):
                 raise CorruptBlobError("the header's shape needs more symbols than the "
                                        "payload can hold")
         if n_exc and (int(exc_idx.min()) < 0 or int(exc_idx.max()) >= L * 2 * B * C):
             raise CorruptBlobError("exception index outside the tensor")
-        csym = bank.decode(cwords, (L, B, 1), cctx)
-        vcode = torch.from_numpy((csym.astype(np.int16) + vref - CENTER).astype(np.float32)
-                                 ).to(device)
+        csym = bank.decode(cwords, (2 * L, B, 1), cctx).reshape(L, 2, B, 1)
+        code = torch.from_numpy((csym.astype(np.int16) + ref - CENTER).astype(np.float32)
+                                ).to(device)
         sym = bank.decode(words, (2 * L, B, C), ctx)
         q = torch.from_numpy(sym).to(device).view(L, 2, B, C).float().sub_(CENTER)
         if n_exc:
             q.view(-1)[exc_idx] = exc_val
-        q.add_(shift)
-        q[:, 0].mul_(_step(kcode).view(L, 1, 1))
-        q[:, 1].mul_(_step(vcode))
-        if weight is not None:
-            q.mul_(weight)
-        x = q if ut is None else torch.matmul(q, ut).add_(mean)
+        q.add_(shift).mul_(_step(code))
+        if b is None:
+            x = q.view(L, 2, B, H, D)
+        else:
+            _, inv, mean, _, freq = b.tensors(device)
+            x = torch.matmul(q, inv).add_(mean).view(L, 2, B, H, D)
+            if freq is not None:
+                x[:, 0] = rotate(x[:, 0], freq, position + keep, inverse=False)
         if info.dtype == "float16":  # a rounding past the largest half must not be inf
             x.clamp_(-FP16_MAX, FP16_MAX)
         out = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device=device)
-        out[:, :, :1] = first
-        out[:, :, 1:] = x.view(L, 2, B, H, D)
+        out[:, :, :keep] = first
+        out[:, :, keep:] = x
         return out
+
+
+def _kept(position: int) -> int:
+    """Tokens stored exactly at the chunk's start: the sequence's first (the attention
+    sink) when the chunk starts the sequence, none otherwise."""
+    return 1 if position == 0 else 0
+
+
+def _relative(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[L, 2, B, 1]`` made to travel relative to a reference per (layer, K/V),
+    within the alphabet: one far below the rest pulls the reference down (a finer step
+    only costs bits), one far above is made finer. Returns (codes, reference
+    ``[L, 2, 1, 1]``)."""
+    import torch
+
+    if code.shape[2] == 0:
+        return code, code.new_zeros((*code.shape[:2], 1, 1))
+    ref = torch.minimum(torch.round(code.mean(dim=2, keepdim=True)),
+                        code.amin(dim=2, keepdim=True) - LO).clamp_(0, 255)
+    code = torch.minimum(torch.maximum(code, ref + LO), ref + HI).clamp_(0, 255)
+    return code, ref
 
 
 # how far (in steps) a decoded coefficient may miss its grid: what storing the decoded
 # tensor in its dtype moved it (relative ``_EPS``) plus a little for the rotation back
-GRID_TOL = 0.02
+GRID_TOL = 0.05
 _EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -20}
-_NEIGHBOURS = (-1.0, 1.0, -2.0, 2.0)
+_NEIGHBOURS = tuple(float(s * d) for d in range(1, 9) for s in (-1, 1))
 
 
-def _on_grid(y: torch.Tensor, code: torch.Tensor, dtype: str) -> torch.Tensor:
+def _slack(kv: torch.Tensor, a: torch.Tensor, dtype: str, rotated: bool) -> torch.Tensor:
+    """How far storing a decoded chunk in its dtype can move each coefficient: the
+    rounding of every channel (relative ``_EPS``; a rotated key's pair shares it), carried
+    through the encoder. ``kv`` ``[L, 2, B, H, D]`` as stored."""
+    import torch
+
+    u = kv.abs().to(torch.float32)
+    if rotated:
+        d = u.shape[-1] // 2
+        pair = u[:, 0, ..., :d] + u[:, 0, ..., d:]
+        u[:, 0] = torch.cat((pair, pair), dim=-1)
+    L, _, B = u.shape[:3]
+    return torch.matmul(u.reshape(L, 2, B, -1), a.abs()).mul_(_EPS.get(dtype, 2.0 ** -10))
+
+
+def _on_grid(y: torch.Tensor, code: torch.Tensor, dtype: str,
+             slack: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``y`` ``[..., n]``, the step code ``code`` ``[..., 1]`` suggests, unless
     the row lies on the grid of a nearby code and not on its own: a decoded row's statistic
     can move to another code, and keeping the grid it came from makes re-encoding a fixed
     point instead of adding error on every cycle. A row lies on a grid when every
-    coefficient does (a row of zeros lies on all of them, and keeps its own code)."""
+    coefficient does (a row of zeros lies on all of them, and keeps its own code).
+    ``slack``: how far each coefficient may have moved since it was decoded (by default
+    its own rounding, relative ``_EPS``).
+
+    Only a tensor most of whose rows lie on their own grid is a decoded one; for any other
+    (fresh KV) the search is skipped, so it costs one pass, and for a decoded one it runs
+    over the few rows that moved."""
     import torch
 
     eps = _EPS.get(dtype, 2.0 ** -10)
+    n = y.shape[-1]
+    rows = y.reshape(-1, n)
+    sl = None if slack is None else slack.reshape(-1, n)
 
-    def on(c: torch.Tensor) -> torch.Tensor:
-        r = y / _step(c)
-        miss = (r - torch.round(r)).abs_().sub_(r.abs_().mul_(eps)).amax(dim=-1,
-                                                                          keepdim=True)
-        return miss <= GRID_TOL
+    def on(r: torch.Tensor, c: torch.Tensor, s_: torch.Tensor | None) -> torch.Tensor:
+        st = _step(c)
+        q = r / st
+        off = q.abs().mul_(eps) if s_ is None else s_ / st
+        return (q - torch.round(q)).abs_().sub_(off).amax(dim=-1, keepdim=True) <= GRID_TOL
 
-    found = on(code)
-    out = code
+    flat = code.reshape(-1, 1)
+    found = on(rows, flat, sl)
+    if bool(found.all()) or float(found.float().mean()) < 0.5:
+        return code
+    idx = torch.nonzero(~found.view(-1)).view(-1)
+    r, c0 = rows[idx], flat[idx]
+    s_ = None if sl is None else sl[idx]
+    best, hit_any = c0.clone(), torch.zeros_like(c0, dtype=torch.bool)
     for off in _NEIGHBOURS:
-        if bool(found.all()):
+        c = (c0 + off).clamp_(0, 255)
+        hit = ~hit_any & on(r, c, s_)
+        best = torch.where(hit, c, best)
+        hit_any |= hit
+        if bool(hit_any.all()):
             break
-        c = (code + off).clamp_(0, 255)
-        hit = ~found & on(c)
-        out = torch.where(hit, c, out)
-        found = found | hit
-    return out
+    out = flat.clone()
+    out[idx] = best
+    return out.view(code.shape)
 
 
 def _words(words: np.ndarray) -> bytes:

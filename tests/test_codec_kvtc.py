@@ -37,46 +37,97 @@ def chunk(prose_kv) -> torch.Tensor:
     return prose_kv[:, :, :256].contiguous()
 
 
-def toy_basis(L: int = 2, C: int = 8, seed: int = 0, model: str = "toy") -> kvb.Basis:
+def toy_basis(L: int = 2, C: int = 8, seed: int = 0, model: str = "toy",
+              **kw) -> kvb.Basis:
     g = np.random.default_rng(seed)
     q, _ = np.linalg.qr(g.standard_normal((L, 2, C, C)))
     return kvb.Basis(model=model, key="test", mean=g.standard_normal((L, 2, C)).astype(
-        np.float32), vectors=q.astype(np.float16), scale=np.ones((L, 2, C), np.float32))
+        np.float32), encoder=q.astype(np.float32), scale=np.ones((L, 2, C), np.float32), **kw)
 
 
 def test_basis_file_round_trips_and_its_id_is_its_content():
-    b = toy_basis()
+    b = toy_basis(rope={"head_dim": 4, "base": [100.0, 1e4]}, unit=0.5)
     again = kvb.from_bytes(b.to_bytes())
-    assert again.id == b.id and np.array_equal(again.vectors, b.vectors)
-    assert np.array_equal(again.weight, np.ones((2, 2, 8), np.float32))
+    assert again.id == b.id and np.array_equal(again.encoder, b.encoder)
+    assert again.rope == b.rope and again.unit == 0.5
+    assert np.array_equal(again.predictor, np.zeros((2, 2, 9), np.float32))
     assert toy_basis(seed=1).id != b.id
-    # the component weights are what a decoder multiplies by: part of the id
-    w = np.full((2, 2, 8), 0.5, np.float32)
-    weighted = kvb.Basis(model="toy", key="test", mean=b.mean, vectors=b.vectors,
-                         scale=b.scale, weight=w)
-    assert weighted.id != b.id
-    assert np.array_equal(kvb.from_bytes(weighted.to_bytes()).weight, w)
-    with pytest.raises(InvalidParamsError):
-        kvb.Basis(model="toy", key="test", mean=b.mean, vectors=b.vectors, scale=b.scale,
-                  weight=-w)
+    # everything a decoder or the encoder's steps use is part of the id; meta is not
+    assert toy_basis(rope={"head_dim": 4, "base": [100.0, 1e5]}, unit=0.5).id != b.id
+    assert toy_basis(rope={"head_dim": 4, "base": [100.0, 1e4]}, unit=0.25).id != b.id
+    pred = np.zeros((2, 2, 9), np.float32)
+    pred[0, 0, 3] = 1.0
+    assert toy_basis(rope=b.rope, unit=0.5, predictor=pred).id != b.id
+    assert toy_basis(rope=b.rope, unit=0.5, meta={"texts": ["x"]}).id == b.id
 
 
-def test_weights_scale_the_error_per_component():
-    """A component weighted 4x coarser carries about 4x the error of one weighted 1x."""
+def test_a_basis_is_checked_when_made():
+    with pytest.raises(InvalidParamsError, match="ill-conditioned"):
+        kvb.Basis(
+            model="toy", key="test", mean=np.zeros((2, 2, 8), np.float32),
+            encoder=np.zeros((2, 2, 8, 8), np.float32), scale=np.ones((2, 2, 8), np.float32))
+    with pytest.raises(InvalidParamsError, match="rope"):
+        toy_basis(rope={"head_dim": 3, "base": [10.0, 10.0]})  # odd, and 8 % 3 != 0
+    with pytest.raises(InvalidParamsError, match="rope"):
+        toy_basis(rope={"head_dim": 4, "base": [10.0]})  # one base for two layers
+    with pytest.raises(InvalidParamsError, match="unit"):
+        toy_basis(unit=0.0)
+
+
+def test_the_encoder_sets_the_error_per_component():
+    """Channels the encoder shrinks 4x come back with about 4x the error: one uniform step
+    in the coefficients, so the encoder's scaling is the allocation."""
     L, C = 1, 8
-    w = np.ones((L, 2, C), np.float32)
-    w[:, :, 4:] = 4.0
+    enc = np.eye(C, dtype=np.float32)[None, None].repeat(2, 1).copy()
+    enc[:, :, 4:, 4:] *= 0.25
     b = kvb.Basis(model="toy", key="test", mean=np.zeros((L, 2, C), np.float32),
-                  vectors=np.eye(C, dtype=np.float16)[None, None].repeat(2, 1),
-                  scale=np.ones((L, 2, C), np.float32), weight=w)
+                  encoder=enc, scale=np.ones((L, 2, C), np.float32))
     kvb.register_basis(b)
     kv = torch.randn(L, 2, 2000, 1, C, generator=torch.Generator().manual_seed(0)) * 3
     err = (decode_blob(get_codec("kvtc", basis=b.id).encode(kv)) - kv)[:, :, 1:, 0]
     fine, coarse = err[..., :4].square().mean().sqrt(), err[..., 4:].square().mean().sqrt()
     assert 3.0 < float(coarse / fine) < 5.0
-    # the encoder-only meta is not part of the id
-    assert kvb.Basis(model="other", key="k", mean=b.mean, vectors=b.vectors, scale=b.scale,
-                     weight=b.weight, meta={"multipliers": {}}).id == b.id
+
+
+def test_the_predictor_gives_finer_steps_to_the_tokens_it_says_matter():
+    """A predictor that reads key channel 0 as importance codes the tokens with a large
+    channel 0 more finely (keys and values), every token from its step in the blob."""
+    L, C = 1, 8
+    pred = np.zeros((L, 2, C + 1), np.float32)
+    pred[:, :, 0] = 2.0
+    b = kvb.Basis(model="toy", key="test", mean=np.zeros((L, 2, C), np.float32),
+                  encoder=np.eye(C, dtype=np.float32)[None, None].repeat(2, 1).copy(),
+                  scale=np.ones((L, 2, C), np.float32), predictor=pred)
+    kvb.register_basis(b)
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(L, 2, 1000, 1, C, generator=g)
+    kv[:, 0, :, 0, 0] = torch.where(torch.arange(1000) % 2 == 0, 2.0, -2.0)
+    err = (decode_blob(get_codec("kvtc", basis=b.id).encode(kv)) - kv)[:, :, 1:, 0, 1:]
+    even = err[:, :, 1::2].square().mean(dim=(0, 2, 3))  # tokens 2, 4, ...: channel 0 = +2
+    odd = err[:, :, 0::2].square().mean(dim=(0, 2, 3))
+    assert (odd > 4 * even).all(), (odd, even)
+
+
+def test_keys_are_coded_without_their_rotary_embedding_at_their_position(chunk, smol_basis):
+    """Rotating back and forth is the identity; the blob records the position, so a chunk
+    coded at the wrong one still decodes to itself (only its ratio suffers)."""
+    from kvctl.codecs import kvtc
+
+    _, _, _, _, freq = smol_basis.tensors("cpu")
+    k = chunk[:, 0].float()
+    back = kvtc.rotate(kvtc.rotate(k, freq, 4096, inverse=True), freq, 4096, inverse=False)
+    assert float((back - k).abs().max()) < 1e-4
+    codec = calibration.codec_for("kvtc", calibration.load_profile(SMOL))
+    right, wrong = codec.encode(chunk, position=256), codec.encode(chunk, position=10_000)
+    assert len(right) < 0.97 * len(wrong)
+    e_right, e_wrong = rel_error(decode_blob(right), chunk), rel_error(decode_blob(wrong), chunk)
+    assert e_wrong < 2 * e_right
+    # at position 0 the first token (the sink) is exact; elsewhere it is coded like the rest
+    assert torch.equal(decode_blob(codec.encode(chunk))[:, :, 0], chunk[:, :, 0])
+    assert not torch.equal(decode_blob(right)[:, :, 0], chunk[:, :, 0])
+    for bad in (-1, 1 << 31, 2.5, True):
+        with pytest.raises(InvalidParamsError, match="position"):
+            codec.encode(chunk, position=bad)
 
 
 @pytest.mark.parametrize("where", [10, 200, -5])
@@ -135,35 +186,50 @@ def test_a_basis_for_another_shape_is_a_params_error():
 
 
 def test_the_bundled_models_have_committed_bases(smol_basis):
-    assert transform.load_transform("gemma-3-270m") is not None
+    gemma = transform.load_transform("gemma-3-270m")
+    assert gemma is not None and gemma.channels == 256 and gemma.layers == 18
+    # Gemma 3: local layers rotate with base 10^4, every sixth (global) with 10^6
+    assert gemma.rope["base"][:6] == [1e4] * 5 + [1e6]
     assert smol_basis.layers == 30 and smol_basis.channels == 3 * 64
-    # orthonormal to fp16 precision, strongest component first
-    u = smol_basis.vectors.astype(np.float64)
-    gram = np.swapaxes(u, -1, -2) @ u
-    assert np.abs(gram - np.eye(192)).max() < 0.01
-    assert (np.diff(smol_basis.scale, axis=-1) <= 1e-6).all()
+    assert smol_basis.rope == {"head_dim": 64, "base": [1e5] * 30}
+    assert (np.diff(smol_basis.scale, axis=-1) <= 1e-6).all()  # strongest first
+    assert smol_basis.meta["texts"] == [t.name for t in calibration.TEXTS]
 
 
-def test_the_model_codec_carries_basis_and_profile(smol_basis):
+def test_the_model_codec_carries_its_basis(smol_basis):
     prof = calibration.load_profile(SMOL)
     for method, level in (("kvtc", "default"), ("kvtc-compact", "compact"),
                           ("kvtc-max", "max")):
         c = calibration.codec_for(method, prof)
-        assert c.params["basis"] == smol_basis.id and c.params["level"] == level
-        assert c.params["profile"] == smol_basis.meta["multipliers"][level]
+        assert c.params == {"level": level, "basis": smol_basis.id}
     assert calibration.codec_for("kvtc", None).params["basis"] is None
+    with pytest.raises(InvalidParamsError, match="no step profile"):
+        get_codec("kvtc", profile=[[1.0, 1.0]] * 30)
 
 
-@pytest.mark.parametrize("method", ["kvtc", "kvtc-compact", "kvtc-max"])
-def test_the_basis_buys_ratio_at_equal_error(method, chunk):
-    prof = calibration.load_profile(SMOL)
-    with_basis = calibration.codec_for(method, prof)
-    plain = codec_for_method(method)
-    b1, b2 = with_basis.encode(chunk), plain.encode(chunk)
-    assert len(b1) < 0.97 * len(b2)
-    # the profile and the component weights move squared error to what the model reads
-    # least, so the plain relative error is allowed to grow a little
-    assert rel_error(decode_blob(b1), chunk) < 1.35 * rel_error(decode_blob(b2), chunk)
+@pytest.mark.parametrize(("method", "plain_method"), [("kvtc", "kvtc-compact"),
+                                                      ("kvtc-compact", "kvtc-max")])
+def test_the_basis_buys_fidelity_at_a_smaller_size(method, plain_method, lm, prose_ids,
+                                                   prose_kv):
+    """What the basis is for: a level with it makes a smaller blob than the next coarser
+    level without, and moves the model's next-token distribution less than half as much
+    (KL over 128 continuation tokens read through a 256-token prefix; measured 3.6x and
+    5.8x less). Squared error is not the measure: the basis puts it where the model does
+    not look."""
+    from kvctl.common.model import prefill
+
+    prefix, cont = prose_kv[:, :, :256].contiguous(), prose_ids[256:384]
+    ref, _ = prefill(lm, cont, past_kv=prefix.float())
+
+    def kl(blob: bytes) -> float:
+        logits, _ = prefill(lm, cont, past_kv=decode_blob(blob).float())
+        p, q = torch.log_softmax(ref[:-1].float(), -1), torch.log_softmax(logits[:-1], -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    with_basis = calibration.codec_for(method, calibration.load_profile(SMOL)).encode(prefix)
+    plain = codec_for_method(plain_method).encode(prefix)
+    assert len(with_basis) < len(plain)
+    assert kl(with_basis) < 0.5 * kl(plain)
 
 
 @pytest.mark.parametrize("method", ["kvtc", "kvtc-max"])

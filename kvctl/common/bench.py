@@ -213,13 +213,16 @@ def evaluate(method: str, codec: Any, work: Workload, repeats: int = 3) -> Codec
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        # each chunk's sequence position (the prefix's chunks are consecutive), which
+        # a codec that undoes the rotary embedding reads, as a server passes it
+        starts = [sum(c.shape[2] for c in work.chunks[:i]) for i in range(len(work.chunks))]
         # a warm-up round so compilation and allocation stay out of the timings
-        blobs = [codec.encode(c) for c in work.chunks]
+        blobs = [codec.encode(c, position=p) for c, p in zip(work.chunks, starts, strict=True)]
         [decode_blob(b) for b in blobs]
         enc_t = dec_t = 0.0
         decoded = []
-        for chunk in work.chunks:
-            t, blob = _timed(lambda c=chunk: codec.encode(c), repeats)
+        for chunk, start in zip(work.chunks, starts, strict=True):
+            t, blob = _timed(lambda c=chunk, p=start: codec.encode(c, position=p), repeats)
             enc_t += t
             t, out = _timed(lambda b=blob: decode_blob(b), repeats)
             dec_t += t

@@ -1,18 +1,27 @@
-"""Per-model bases and step profiles for the transform codec (``kvtc``).
+"""Per-model transforms for the transform codec (``kvtc``), learned once per model.
 
-A model's basis is learned once from the KV of the bundled calibration texts (never a
-benchmark text): per (layer, K/V), the mean and the eigenvectors of the covariance over all
-``heads x head_dim`` channels, strongest first (``kvctl.codecs.basis``). Then the step
-profile is measured with that basis the way cachegen's is (``calibration.measure``: the KL
-of the next-token distribution when one (layer, K/V) alone is quantized, turned into step
-multipliers by the same rate-distortion rule), and kept in the basis file's ``meta`` (the
-encoder's part; the basis' id covers only what a decoder uses).
+A model's basis (``kvctl.codecs.basis``) comes from the bundled calibration texts (never a
+benchmark text), in three measurements:
 
-Bases are keyed by model name and ``transform_key()`` (this module's version, the codec's
-level constants), committed for the bundled models (``codecs/bases/``, made by
-``benchmarks/calibrate_profiles.py``), and calibrated once for any other model the first time
-kvctl loads it, cached atomically under kvctl's cache folder (``bases/``), where the codec
-finds it by id (a worker, the LMCache serde and ``kvctl bench`` all look there).
+1. The KV of both texts (``BASIS_TOKENS`` each), keys rotated back to before their rotary
+   embedding: mean and covariance per (layer, K/V) over all ``heads x head_dim`` channels.
+2. The Fisher information of the next-token distribution with respect to the prefix KV
+   (labels sampled from the model's own prediction, so the squared gradient estimates it
+   without bias): per (layer, K/V) the full channel matrix ``F``, and per token its trace.
+   The KL divergence a small error ``e`` causes is about ``e^T F e / 2``.
+3. The transform: channels scaled by ``(F + SHRINK * mean diag)^ALPHA`` (``ALPHA = 1/2``
+   makes squared error there the KL; the shrinkage keeps directions the calibration never
+   excited from being coded as if they did not matter), then rotated onto the principal
+   axes of the scaled KV. And the token predictor: ridge regression of each token's
+   log-Fisher trace (centred per text) on its key's top ``PREDICTOR_COMPONENTS`` principal
+   coordinates and the log of its value norm.
+
+Bases are keyed by model name and ``transform_key()`` (this module's version and
+constants), committed for the bundled models (``codecs/bases/``, made by
+``benchmarks/calibrate_bases.py``), and calibrated once for any other model the first time
+kvctl loads it (a minute or two on one core for the bundled sizes), cached atomically
+under kvctl's cache folder (``bases/``), where the codec finds it by id (a worker, the
+LMCache serde and ``kvctl bench`` all look there).
 """
 
 from __future__ import annotations
@@ -32,20 +41,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvctl.common")
 
-TRANSFORM_VERSION = 2
-# tokens read from each calibration text for the covariances (both texts: ~1800 vectors
+TRANSFORM_VERSION = 3
+# tokens read from each calibration text for the covariances (both texts: ~2000 vectors
 # per (layer, K/V), for at most 256 channels on the bundled models)
 BASIS_TOKENS = 1024
-# the level whose sensitivities set every level's multipliers (one measurement, not three)
-PROFILE_LEVEL = "compact"
-# component weights from the Fisher information F_j of the next-token distribution:
-# weight (F_j / G) ** -WEIGHT_EXPONENT (G their geometric mean per (layer, K/V)). The
-# quadratic optimum is 1/2; the Fisher is a local, noisy estimate of what a coarse step
-# does, so it is shrunk, as the layer profile's exponent is, and clamped
-WEIGHT_EXPONENT = 0.3
-WEIGHT_CLAMP = 4.0
 # label samples per calibration text (each a backward pass over the continuation)
-FISHER_SAMPLES = 4
+FISHER_SAMPLES = 8
+ALPHA = 0.5
+SHRINK = 0.1
+PREDICTOR_COMPONENTS = 32
+# ridge penalty per sample (the features are unit-variance coordinates)
+RIDGE = 0.01
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, Basis | None] = {}
@@ -55,8 +61,8 @@ def transform_key() -> str:
     """What a basis depends on besides the model. Not the level steps: the multipliers
     are relative (their geometric mean is 1), so a retuned level keeps its model's basis
     and every blob made with it; a change of the measurement bumps the version."""
-    consts = {"tokens": BASIS_TOKENS, "profile_level": PROFILE_LEVEL,
-              "weight": [WEIGHT_EXPONENT, WEIGHT_CLAMP, FISHER_SAMPLES]}
+    consts = {"tokens": BASIS_TOKENS, "samples": FISHER_SAMPLES, "alpha": ALPHA,
+              "shrink": SHRINK, "predictor": [PREDICTOR_COMPONENTS, RIDGE]}
     tag = hashlib.blake2b(json.dumps(consts, sort_keys=True).encode(), digest_size=4)
     return f"t{TRANSFORM_VERSION}-{tag.hexdigest()}"
 
@@ -105,48 +111,71 @@ def load_transform(model: str) -> Basis | None:
     return found
 
 
-def compute_basis(model: str, kvs: list[Any]) -> Basis:
-    """PCA per (layer, K/V) of fp16 KV tensors ``[L, 2, T, H, D]`` (first tokens left out:
-    a sequence's sink is stored exactly and would only skew the covariance)."""
-    import numpy as np
+def rope_spec(lm: LoadedModel) -> dict[str, Any] | None:
+    """The model's rotary embedding as a basis stores it (neox layout, one base per
+    layer), or ``None`` when it is not plain RoPE over whole heads (scaled or partial
+    rotary embeddings: keys are then coded as they are, which only costs ratio)."""
+    c = lm.model.config
+    params = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {
+        "rope_theta": getattr(c, "rope_theta", None)}
+    layers = int(c.num_hidden_layers)
+    types = getattr(c, "layer_types", None)
+    try:
+        if types and all(t in params for t in set(types)):
+            per = [params[t] for t in types]
+        else:
+            per = [params] * layers
+        if any(p.get("rope_type", "default") != "default" for p in per):
+            return None
+        if float(getattr(c, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            return None
+        head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        return {"head_dim": head_dim, "base": [float(p["rope_theta"]) for p in per]}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _freq(rope: dict[str, Any] | None) -> Any:
     import torch
 
-    from kvctl.codecs.basis import Basis
-
-    x = torch.cat([kv[:, :, 1:].double() for kv in kvs], dim=2)
-    L, _, N, H, D = x.shape
-    x = x.reshape(L, 2, N, H * D)
-    mean = x.mean(dim=2, keepdim=True)
-    xc = x - mean
-    cov = xc.transpose(-1, -2) @ xc / N
-    ev, vec = torch.linalg.eigh(cov)
-    ev, vec = ev.flip(-1), vec.flip(-1)
-    # a deterministic sign per component (eigh's is arbitrary): largest entry positive
-    idx = vec.abs().argmax(dim=-2, keepdim=True)
-    vec = vec * torch.sign(vec.gather(-2, idx))
-    return Basis(model=model, key=transform_key(), mean=mean[:, :, 0].float().numpy(),
-                 vectors=vec.to(torch.float16).numpy(),
-                 scale=ev.clamp_min(0).sqrt().float().numpy().astype(np.float32))
+    if rope is None:
+        return None
+    d = rope["head_dim"]
+    base = torch.tensor(rope["base"], dtype=torch.float64).view(-1, 1)
+    return base.pow(-torch.arange(0, d, 2, dtype=torch.float64) / d)
 
 
-def fisher_diagonal(lm: LoadedModel, tokenizer: Any, b: Basis, seed: int = 0) -> Any:
-    """The diagonal of the Fisher information of the next-token distribution with respect
-    to the basis' coefficients of the prefix KV, ``[L, 2, C]`` float64, summed over the
-    calibration texts and tokens (each sequence's first token left out: it is exact).
+def _pre_rope(kv: Any, freq: Any) -> Any:
+    """fp64 ``[L, 2, T, C]`` of a KV ``[L, 2, T, H, D]`` at positions 0.., keys unrotated."""
+    from kvctl.codecs.kvtc import rotate
 
-    Labels are sampled from the model's own prediction, so the squared gradient of their
-    summed log-likelihood estimates the Fisher without bias (the cross terms between
-    positions vanish in expectation); the KL a small error ``e`` causes is about
-    ``e^T F e / 2``, so it says which components the output reads."""
+    x = kv.double().clone()
+    if freq is not None:
+        x[:, 0] = rotate(x[:, 0], freq, 0, inverse=True)
+    return x.reshape(*x.shape[:3], -1)
+
+
+def _sym_power(m: Any, p: float) -> Any:
     import torch
 
-    from kvctl.codecs.basis import orthonormal
+    ev, v = torch.linalg.eigh(m)
+    return (v * ev.clamp_min(1e-300).pow(p).unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
+def fisher(lm: LoadedModel, tokenizer: Any, freq: Any, seed: int = 0
+           ) -> tuple[Any, list[Any], list[Any]]:
+    """(``F`` ``[L, 2, C, C]`` float64, the mean over samples and texts of the summed outer
+    products of the gradients; per text the tokens' Fisher traces ``[L, 2, T-1]``; per text
+    the prefix KV ``[L, 2, T-1, C]``), keys pre-RoPE, each sequence's first token left out
+    (it is stored exactly)."""
+    import torch
+
+    from kvctl.codecs.kvtc import rotate
     from kvctl.common import calibration
     from kvctl.common.model import cache_from_kv, prefill
 
-    u = torch.from_numpy(orthonormal(b.vectors)).double()
     gen = torch.Generator().manual_seed(seed)
-    total = None
+    total, traces, feats = None, [], []
     prefix, cont = calibration.PREFIX, calibration.CONTINUATION
     for text in calibration.TEXTS:
         ids = list(tokenizer(text.read_text(encoding="utf-8"))["input_ids"])[:prefix + cont]
@@ -154,6 +183,7 @@ def fisher_diagonal(lm: LoadedModel, tokenizer: Any, b: Basis, seed: int = 0) ->
         x = kv.to(torch.float16).float()
         inp = torch.tensor([ids[prefix:]], device=lm.device)
         L, _, T, H, D = x.shape
+        trace = None
         for _ in range(FISHER_SAMPLES):
             xg = x.clone().requires_grad_(True)
             with torch.enable_grad():
@@ -162,34 +192,76 @@ def fisher_diagonal(lm: LoadedModel, tokenizer: Any, b: Basis, seed: int = 0) ->
                 lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
                 label = torch.multinomial(lp.detach().exp(), 1, generator=gen)
                 lp.gather(1, label).sum().backward()
-            g = torch.matmul(xg.grad.reshape(L, 2, T, H * D).double(), u)[:, :, 1:]
-            f = g.square().sum(dim=2)
+            g = xg.grad.double()
+            if freq is not None:  # the gradient of a pre-RoPE key is R^T g
+                g[:, 0] = rotate(g[:, 0], freq, 0, inverse=True)
+            g = g.reshape(L, 2, T, H * D)[:, :, 1:]
+            f = g.transpose(-1, -2) @ g
             total = f if total is None else total + f
-    return total
+            t = g.square().sum(-1)
+            trace = t if trace is None else trace + t
+        traces.append(trace)
+        feats.append(_pre_rope(kv.to(torch.float16), freq)[:, :, 1:])
+    return total / (len(calibration.TEXTS) * FISHER_SAMPLES), traces, feats
 
 
-def weights_from(fisher: Any) -> Any:
-    """Step multipliers per component ``[L, 2, C]`` float32 from a Fisher diagonal."""
+def compute_basis(model: str, kvs: list[Any], fisher_matrix: Any, traces: list[Any],
+                  feats: list[Any], rope: dict[str, Any] | None) -> Basis:
+    """The basis from calibration KV ``kvs`` (``[L, 2, T, H, D]``, positions from 0) and
+    the Fisher measurements (``fisher``)."""
     import numpy as np
+    import torch
 
-    f = np.asarray(fisher, dtype=np.float64)
-    f = np.maximum(f, f.mean(axis=-1, keepdims=True) * 1e-3 + 1e-30)
-    lg = np.log(f)
-    lg -= lg.mean(axis=-1, keepdims=True)
-    w = np.clip(np.exp(-WEIGHT_EXPONENT * lg), 1 / WEIGHT_CLAMP, WEIGHT_CLAMP)
-    return np.round(w, 4).astype(np.float32)
+    from kvctl.codecs.basis import Basis
+
+    freq = _freq(rope)
+    x = torch.cat([_pre_rope(kv, freq)[:, :, 1:] for kv in kvs], dim=2)
+    _, _, N, C = x.shape
+    mean = x.mean(dim=2, keepdim=True)
+    xc = x - mean
+    cov = xc.transpose(-1, -2) @ xc / N
+    f = fisher_matrix
+    diag = torch.diagonal(f, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    m = f + SHRINK * diag[..., None, None] * torch.eye(C, dtype=f.dtype)
+    w = _sym_power(m, ALPHA)
+    ev, u = torch.linalg.eigh(w.transpose(-1, -2) @ cov @ w)
+    ev, u = ev.flip(-1).clamp_min(0), u.flip(-1)
+    encoder = w @ u
+    unit = float(ev.mean().sqrt())
+    # the token predictor, on the key's principal coordinates (unweighted)
+    kev, kvec = torch.linalg.eigh(cov[:, 0])
+    n = min(PREDICTOR_COMPONENTS, C)
+    kvec = kvec.flip(-1)[..., :n] / kev.flip(-1)[:, None, :n].clamp_min(1e-30).sqrt()
+
+    def features(z: Any) -> Any:  # [L, 2, T, C] -> [L, T, n + 2]
+        kp = (z[:, 0] - mean[:, 0]) @ kvec
+        vn = z[:, 1].norm(dim=-1, keepdim=True).clamp_min(1e-6).log()
+        return torch.cat([kp, vn, torch.ones_like(vn)], -1)
+
+    xf = torch.cat([features(z) for z in feats], 1)  # [L, M, n + 2]
+    yf = torch.cat([(t.clamp_min(1e-300).log() - t.clamp_min(1e-300).log().mean(
+        -1, keepdim=True)) for t in traces], 2).transpose(1, 2)  # [L, M, 2]
+    reg = RIDGE * xf.shape[1] * torch.eye(n + 2, dtype=xf.dtype)
+    reg[-1, -1] = 0  # the intercept is free
+    coef = torch.linalg.solve(xf.transpose(1, 2) @ xf + reg, xf.transpose(1, 2) @ yf)
+    pred = torch.cat([(kvec @ coef[:, :n]).transpose(1, 2), coef[:, n:n + 1].transpose(1, 2)],
+                     -1)  # [L, 2, C + 1]
+    return Basis(model=model, key=transform_key(), mean=mean[:, :, 0].float().numpy(),
+                 encoder=encoder.float().numpy(), scale=ev.sqrt().float().numpy(),
+                 unit=unit, rope=rope, predictor=pred.float().numpy().astype(np.float32))
 
 
 def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
-    """Learn ``lm``'s basis from the calibration texts, then measure its step profile."""
+    """Learn ``lm``'s basis from the calibration texts."""
     import torch
 
-    from kvctl.codecs import get_codec
-    from kvctl.codecs.basis import Basis, register_basis
+    from kvctl.codecs.basis import register_basis
     from kvctl.common import calibration
     from kvctl.common.model import prefill
 
     need = calibration.PREFIX + calibration.CONTINUATION
+    rope = rope_spec(lm)
+    freq = _freq(rope)
     kvs = []
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -203,29 +275,13 @@ def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
             ids = ids[:min(BASIS_TOKENS, lm.max_model_len)]
             _, kv = prefill(lm, ids, logits_to_keep=1)
             kvs.append(kv.to(torch.float16))
+        f, traces, feats = fisher(lm, tokenizer, freq)
     finally:
         torch.set_num_threads(prev)
-    b = compute_basis(lm.name, kvs)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fisher = fisher_diagonal(lm, tokenizer, b)
-    finally:
-        torch.set_num_threads(prev)
-    b = Basis(model=b.model, key=b.key, mean=b.mean, vectors=b.vectors, scale=b.scale,
-              weight=weights_from(fisher.numpy()))
+    b = compute_basis(lm.name, kvs, f, traces, feats, rope)
+    b.meta.update({"texts": [t.name for t in calibration.TEXTS], "tokens": BASIS_TOKENS})
     register_basis(b)
-    codec = get_codec("kvtc", level=PROFILE_LEVEL, basis=b.id)
-    sens = calibration.measure(lm, tokenizer, PROFILE_LEVEL, codec=codec)
-    mult = calibration.multipliers_from(sens)
-    from kvctl.codecs import kvtc
-
-    meta = {"sensitivity": sens, "multipliers": {lvl: mult for lvl in kvtc.LEVELS},
-            "texts": [t.name for t in calibration.TEXTS], "tokens": BASIS_TOKENS}
-    out = Basis(model=b.model, key=b.key, mean=b.mean, vectors=b.vectors, scale=b.scale,
-                weight=b.weight, meta=meta)
-    register_basis(out)
-    return out
+    return b
 
 
 def write_transform(b: Basis, folder: Path) -> Path:
