@@ -1,4 +1,5 @@
-"""Regenerate the committed kvtc bases (and their step profiles) of the bundled models.
+"""Regenerate the committed kvtc bases (transform, token predictor, level steps) of the
+bundled models.
 
 kvctl calibrates any other model on first load (kvctl.common.transform); the bundled
 models' bases are committed (codecs/bases/) so that tests, workers, the LMCache serde and
@@ -7,8 +8,9 @@ models' bases are committed (codecs/bases/) so that tests, workers, the LMCache 
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibrate_bases.py [smollm2 gemma3]
 
-Two prefills of the calibration texts for the covariances, then 2 x layers forward passes
-over 256 tokens per text for the profile (a few minutes per model on one core).
+Two prefills of the calibration texts for the covariances, then 8 backward passes over 256
+tokens per text for the Fisher information, then a bisection per level for its step
+(1.5-3 minutes per model on one core).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import time
 
 from kvctl.codecs.basis import COMMITTED
 from kvctl.common import transform
-from kvctl.common.calibration import am_over_gm
 from kvctl.common.model import BUILTIN_MODELS, load_model, load_tokenizer_for
 
 
@@ -31,7 +32,7 @@ def main(models: list[str]) -> None:
             if old.name.startswith(transform._candidates_stem(lm.name)):
                 old.unlink()
         path = transform.write_transform(b, COMMITTED)
-        print(f"{lm.name}: basis {b.id}, profile AM/GM {am_over_gm(b.meta['sensitivity']):.3f};"
+        print(f"{lm.name}: basis {b.id}, level steps {b.meta['steps']};"
               f" wrote {path} ({path.stat().st_size} B, {time.perf_counter() - t0:.0f} s)")
 
 

@@ -8,7 +8,8 @@ quantization of the coefficients with a step per token.
 * In those coordinates one uniform step is what the model's output asks for across
   components and layers (reverse water-filling on the whitened coefficients: strong
   components get many bits, weak ones next to none), so a level is one number, the step
-  in units of the basis' RMS coefficient.
+  in units of the basis' RMS coefficient. Calibration finds each model's step for each
+  level so that a level means one ratio on the model's calibration KV (``Level.ratio``).
 * Tokens differ: attention reads a few of them heavily and most hardly at all. The basis'
   predictor estimates from each token's key and value norm how much the output reads it;
   its step is the level's times ``exp(-GAMMA / 2 * (log-importance - chunk mean))`` (the
@@ -63,18 +64,23 @@ STEP_RANGE = (0.1, 10.0)
 
 @dataclass(frozen=True)
 class Level:
-    """``step``: in units of the basis' RMS coefficient. ``plain``: without a basis, in
-    units of the chunk's median channel spread."""
+    """``ratio``: what the level is for, the compression ratio against fp16 on the
+    model's calibration KV; calibration finds each model's step for it (the basis'
+    ``meta["steps"]``). ``step``: the step when the basis carries none, in units of the
+    basis' RMS coefficient. ``plain``: without a basis, in units of the chunk's median
+    channel spread."""
 
+    ratio: float
     step: float
     plain: float
 
 
 LEVELS: dict[str, Level] = {
-    "default": Level(step=0.17, plain=0.255),
-    "compact": Level(step=0.27, plain=0.60),
-    "max": Level(step=0.42, plain=1.00),
+    "default": Level(ratio=5.65, step=0.17, plain=0.255),
+    "compact": Level(ratio=9.4, step=0.27, plain=0.60),
+    "max": Level(ratio=14.0, step=0.42, plain=1.00),
 }
+MIN_STEP, MAX_STEP = 1e-3, 1e3
 
 
 def _code(step: torch.Tensor) -> torch.Tensor:
@@ -129,12 +135,17 @@ class TransformCodec(BaseCodec):
     max_elements_per_byte = elements_per_byte(ALPHABET)
 
     def __init__(self, level: str = "default", basis: str | None = None,
-                 profile: Any = None) -> None:
+                 profile: Any = None, step: float | None = None) -> None:
         if not isinstance(level, str) or level not in LEVELS:
             raise InvalidParamsError(f"unknown kvtc level {str(level)[:40]!r}; levels: "
                                      f"{', '.join(LEVELS)}")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int | float)
+                                 or not MIN_STEP <= step <= MAX_STEP):
+            raise InvalidParamsError(f"kvtc step must be a number in [{MIN_STEP:g}, "
+                                     f"{MAX_STEP:g}], got {str(step)[:40]}")
         self.level = level
         self.cfg = LEVELS[level]
+        self.step = None if step is None else float(step)
         self.basis_id = None if basis is None else _basis.check_id(basis)
         if check_profile(profile):
             raise InvalidParamsError("kvtc takes no step profile: its basis allocates the "
@@ -143,7 +154,20 @@ class TransformCodec(BaseCodec):
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"level": self.level, "basis": self.basis_id}
+        out: dict[str, Any] = {"level": self.level, "basis": self.basis_id}
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+    def step_for(self, b: _basis.Basis) -> float:
+        """The step in units of ``b``'s RMS coefficient: the one given, else the one
+        calibration found for this level on the model, else the level's constant."""
+        if self.step is not None:
+            return self.step
+        found = (b.meta.get("steps") or {}).get(self.level)
+        if isinstance(found, int | float) and MIN_STEP <= found <= MAX_STEP:
+            return float(found)
+        return self.cfg.step
 
     @property
     def header_params(self) -> dict[str, Any]:
@@ -194,7 +218,7 @@ class TransformCodec(BaseCodec):
                 x[:, 0] = rotate(x[:, 0], freq, position + keep, inverse=True)
             xc = x.reshape(L, 2, B, C) - mean
             y = torch.matmul(xc, a)
-            code = self._token_codes(y, xc, x[:, 1], pred, b.unit, dt,
+            code = self._token_codes(y, xc, x[:, 1], pred, b.unit * self.step_for(b), dt,
                                      _slack(kv[:, :, keep:], a, dt, freq is not None))
         code, ref = _relative(code)
         q = torch.div(y, _step(code)).round_().clamp_(-QMAX, QMAX)
@@ -219,9 +243,9 @@ class TransformCodec(BaseCodec):
             bank.encode(sym, ctx).tobytes()))
 
     def _token_codes(self, y: torch.Tensor, xc: torch.Tensor, vals: torch.Tensor,
-                     pred: torch.Tensor, unit: float, dtype: str, slack: torch.Tensor
+                     pred: torch.Tensor, step: float, dtype: str, slack: torch.Tensor
                      ) -> torch.Tensor:
-        """Step code per (layer, K/V, token) ``[L, 2, B, 1]``: the level's step, finer for
+        """Step code per (layer, K/V, token) ``[L, 2, B, 1]``: ``step``, finer for
         the tokens the predictor says the output reads (``xc``: centred pre-RoPE KV,
         ``vals``: the values ``[L, B, H, D]``)."""
         import torch
@@ -236,8 +260,7 @@ class TransformCodec(BaseCodec):
         lg = lg.transpose(1, 2)
         lg = lg - lg.mean(dim=-1, keepdim=True)
         f = torch.exp(lg.mul_(-GAMMA / 2)).clamp_(*STEP_RANGE)
-        step = (unit * self.cfg.step) * f.unsqueeze(-1)
-        return _on_grid(y, _code(step), dtype, slack)
+        return _on_grid(y, _code(step * f.unsqueeze(-1)), dtype, slack)
 
     def _plain_codes(self, y: torch.Tensor, dtype: str) -> torch.Tensor:
         """Without a basis: one step per (layer, K/V) from the chunk's median channel
@@ -246,7 +269,7 @@ class TransformCodec(BaseCodec):
         if B == 0:
             return y.new_zeros((L, 2, 0, 1))
         spread = y.var(dim=2, unbiased=False).sqrt_().median(dim=-1).values  # [L, 2]
-        c0 = _code(spread.clamp_min(1e-12) * self.cfg.plain).view(L, 2, 1, 1)
+        c0 = _code(spread.clamp_min(1e-12) * (self.step or self.cfg.plain)).view(L, 2, 1, 1)
         c = _on_grid(y.reshape(L, 2, 1, B * C), c0, dtype)
         return c.expand(L, 2, B, 1).contiguous()
 

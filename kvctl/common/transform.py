@@ -49,6 +49,7 @@ BASIS_TOKENS = 1024
 FISHER_SAMPLES = 8
 ALPHA = 0.5
 SHRINK = 0.1
+LAYER_EXPONENT = 1.0
 PREDICTOR_COMPONENTS = 32
 # ridge penalty per sample (the features are unit-variance coordinates)
 RIDGE = 0.01
@@ -220,8 +221,10 @@ def compute_basis(model: str, kvs: list[Any], fisher_matrix: Any, traces: list[A
     mean = x.mean(dim=2, keepdim=True)
     xc = x - mean
     cov = xc.transpose(-1, -2) @ xc / N
-    f = fisher_matrix
-    diag = torch.diagonal(f, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    diag = torch.diagonal(fisher_matrix, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    # how much of the measured spread between (layer, K/V)s the allocation follows
+    f = fisher_matrix * diag.pow(LAYER_EXPONENT - 1)[..., None, None]
+    diag = diag.pow(LAYER_EXPONENT)
     m = f + SHRINK * diag[..., None, None] * torch.eye(C, dtype=f.dtype)
     w = _sym_power(m, ALPHA)
     ev, u = torch.linalg.eigh(w.transpose(-1, -2) @ cov @ w)
@@ -279,9 +282,41 @@ def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
     finally:
         torch.set_num_threads(prev)
     b = compute_basis(lm.name, kvs, f, traces, feats, rope)
-    b.meta.update({"texts": [t.name for t in calibration.TEXTS], "tokens": BASIS_TOKENS})
     register_basis(b)
+    b.meta.update({"texts": [t.name for t in calibration.TEXTS], "tokens": BASIS_TOKENS,
+                   "steps": level_steps(b, kvs)})
     return b
+
+
+def level_steps(b: Basis, kvs: list[Any], chunk: int = 256) -> dict[str, float]:
+    """Per kvtc level, the step (in ``b``'s units) at which the calibration KV ``kvs``
+    compresses by the level's ratio: bisection on the log of the step, the ratio being
+    monotone in it. ``b`` must be registered."""
+    import math
+
+    import torch
+
+    from kvctl.codecs import get_codec
+    from kvctl.codecs.kvtc import LEVELS
+
+    chunks = [(kv[:, :, i:i + chunk].contiguous(), i) for kv in kvs
+              for i in range(0, kv.shape[2], chunk)]
+    fp16 = sum(2 * c.numel() for c, _ in chunks)
+    out = {}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, level in LEVELS.items():
+            lo, hi = math.log(0.01), math.log(10.0)
+            for _ in range(14):
+                mid = (lo + hi) / 2
+                codec = get_codec("kvtc", level=name, basis=b.id, step=math.exp(mid))
+                ratio = fp16 / sum(len(codec.encode(c, position=p)) for c, p in chunks)
+                lo, hi = (mid, hi) if ratio < level.ratio else (lo, mid)
+            out[name] = float(f"{math.exp(hi):.4g}")
+    finally:
+        torch.set_num_threads(prev)
+    return out
 
 
 def write_transform(b: Basis, folder: Path) -> Path:
