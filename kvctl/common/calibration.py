@@ -268,16 +268,13 @@ def codec_params(method: str, profile: ModelProfile | None) -> tuple[str, dict[s
     codec = codec_for_method(method)
     params = dict(codec.params)
     if getattr(codec, "takes_basis", False):
-        # the transform codec's basis and step profile are the model's own (transform.py),
-        # found by the same model name as the cachegen profile
+        # the transform codec's basis (its allocation and level steps included) is the
+        # model's own (transform.py), found by the same model name as the cachegen profile
         from kvctl.common.transform import load_transform
 
         t = load_transform(profile.model) if profile is not None else None
         if t is not None:
             params["basis"] = t.id
-            steps = t.meta.get("multipliers", {}).get(str(params.get("level")))
-            if steps is not None:
-                params["profile"] = steps
         return codec.name, params
     if profile is not None and getattr(codec, "takes_profile", False):
         steps = profile.multipliers.get(str(params.get("level")))

@@ -49,7 +49,6 @@ BASIS_TOKENS = 1024
 FISHER_SAMPLES = 8
 ALPHA = 0.5
 SHRINK = 0.1
-LAYER_EXPONENT = 1.0
 PREDICTOR_COMPONENTS = 32
 # ridge penalty per sample (the features are unit-variance coordinates)
 RIDGE = 0.01
@@ -59,9 +58,9 @@ _LOADED: dict[str, Basis | None] = {}
 
 
 def transform_key() -> str:
-    """What a basis depends on besides the model. Not the level steps: the multipliers
-    are relative (their geometric mean is 1), so a retuned level keeps its model's basis
-    and every blob made with it; a change of the measurement bumps the version."""
+    """What a basis depends on besides the model: this module's measurement constants.
+    Not the level steps (the basis' ``meta``, encoder-only: a retuned level keeps its
+    model's basis and every blob made with it)."""
     consts = {"tokens": BASIS_TOKENS, "samples": FISHER_SAMPLES, "alpha": ALPHA,
               "shrink": SHRINK, "predictor": [PREDICTOR_COMPONENTS, RIDGE]}
     tag = hashlib.blake2b(json.dumps(consts, sort_keys=True).encode(), digest_size=4)
@@ -221,10 +220,8 @@ def compute_basis(model: str, kvs: list[Any], fisher_matrix: Any, traces: list[A
     mean = x.mean(dim=2, keepdim=True)
     xc = x - mean
     cov = xc.transpose(-1, -2) @ xc / N
-    diag = torch.diagonal(fisher_matrix, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-    # how much of the measured spread between (layer, K/V)s the allocation follows
-    f = fisher_matrix * diag.pow(LAYER_EXPONENT - 1)[..., None, None]
-    diag = diag.pow(LAYER_EXPONENT)
+    f = fisher_matrix
+    diag = torch.diagonal(f, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
     m = f + SHRINK * diag[..., None, None] * torch.eye(C, dtype=f.dtype)
     w = _sym_power(m, ALPHA)
     ev, u = torch.linalg.eigh(w.transpose(-1, -2) @ cov @ w)
