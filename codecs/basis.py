@@ -151,7 +151,12 @@ class Basis:
         cache = self._on_device
         if dev not in cache:
             a = torch.from_numpy(self.encoder.astype(np.float64))
-            inv = torch.linalg.inv(a)
+            # numpy's LAPACK, one matrix at a time: torch's batched float64 inverse failed
+            # inside MKL (bad pivots) on a CI run while passing here
+            inv = torch.from_numpy(np.stack([np.linalg.inv(m) for m in
+                                             self.encoder.astype(np.float64).reshape(
+                                                 -1, self.channels, self.channels)]
+                                            ).reshape(self.encoder.shape))
             freq = None
             if self.rope is not None:
                 d = self.rope["head_dim"]
