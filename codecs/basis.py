@@ -85,6 +85,17 @@ def check_rope(rope: Any, layers: int, channels: int) -> dict[str, Any] | None:
     return {"head_dim": d, "base": base}
 
 
+def rope_frequencies(rope: dict[str, Any] | None) -> Any:
+    """Inverse frequencies ``[L, D/2]`` float64 (CPU) of a checked ``rope``, or ``None``."""
+    import torch
+
+    if rope is None:
+        return None
+    d = rope["head_dim"]
+    base = torch.tensor(rope["base"], dtype=torch.float64).view(-1, 1)
+    return base.pow(-torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+
 @dataclass(frozen=True, eq=False)
 class Basis:
     """One model's transforms. ``mean`` [L, 2, C], ``encoder`` [L, 2, C, C], ``scale``
@@ -157,11 +168,8 @@ class Basis:
                                              self.encoder.astype(np.float64).reshape(
                                                  -1, self.channels, self.channels)]
                                             ).reshape(self.encoder.shape))
-            freq = None
-            if self.rope is not None:
-                d = self.rope["head_dim"]
-                base = torch.tensor(self.rope["base"], dtype=torch.float64).view(-1, 1)
-                freq = base.pow(-torch.arange(0, d, 2, dtype=torch.float64) / d).to(dev)
+            freq = rope_frequencies(self.rope)
+            freq = None if freq is None else freq.to(dev)
             cache[dev] = (a.float().to(dev), inv.float().to(dev),
                           torch.from_numpy(self.mean).to(dev).unsqueeze(2),
                           torch.from_numpy(self.predictor).to(dev), freq)

@@ -135,14 +135,10 @@ def rope_spec(lm: LoadedModel) -> dict[str, Any] | None:
         return None
 
 
-def _freq(rope: dict[str, Any] | None) -> Any:
-    import torch
+def rope_frequencies(rope: dict[str, Any] | None) -> Any:
+    from kvctl.codecs.basis import rope_frequencies as freqs
 
-    if rope is None:
-        return None
-    d = rope["head_dim"]
-    base = torch.tensor(rope["base"], dtype=torch.float64).view(-1, 1)
-    return base.pow(-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return freqs(rope)
 
 
 def _pre_rope(kv: Any, freq: Any) -> Any:
@@ -214,7 +210,7 @@ def compute_basis(model: str, kvs: list[Any], fisher_matrix: Any, traces: list[A
 
     from kvctl.codecs.basis import Basis
 
-    freq = _freq(rope)
+    freq = rope_frequencies(rope)
     x = torch.cat([_pre_rope(kv, freq)[:, :, 1:] for kv in kvs], dim=2)
     _, _, N, C = x.shape
     mean = x.mean(dim=2, keepdim=True)
@@ -261,7 +257,7 @@ def calibrate_transform(lm: LoadedModel, tokenizer: Any) -> Basis:
 
     need = calibration.PREFIX + calibration.CONTINUATION
     rope = rope_spec(lm)
-    freq = _freq(rope)
+    freq = rope_frequencies(rope)
     kvs = []
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
