@@ -44,7 +44,7 @@ from kvctl.codecs.base import FP16_MAX, BaseCodec, dtype_name, register, torch_d
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.cachegen import check_profile
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
-from kvctl.codecs.rans import Bank, elements_per_byte
+from kvctl.codecs.rans import NSCALES, OFFSETS, Bank, elements_per_byte
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,10 @@ STEP_RES = 4  # step code = round(STEP_RES * log2(step)) + STEP_BIAS, one byte
 STEP_BIAS = 160
 QMAX = 1 << 30  # a coefficient's symbol before the shift, refused beyond (never on fp16)
 MAX_POSITION = (1 << 31) - 1
+# set in the payload's position word: this layout (scale-mixture tables, escapes)
+FORMAT_BIT = 1 << 31
+# quarter-log2 bias of a component's scale code (sigma / reference step from 1/256)
+SC_BIAS = 32
 # how much of the predicted importance spread a token's step follows (1 = the full
 # square-root rule), and how far a token's step may move from the level's
 GAMMA = 0.5
@@ -77,7 +81,7 @@ class Level:
 
 LEVELS: dict[str, Level] = {
     "default": Level(ratio=5.65, step=0.17, plain=0.255),
-    "compact": Level(ratio=9.4, step=0.27, plain=0.60),
+    "compact": Level(ratio=9.2, step=0.27, plain=0.60),
     "max": Level(ratio=14.0, step=0.42, plain=1.00),
 }
 MIN_STEP, MAX_STEP = 1e-3, 1e3
@@ -179,7 +183,7 @@ class TransformCodec(BaseCodec):
     @property
     def bank(self) -> Bank:
         if self._bank is None:
-            self._bank = Bank(ALPHABET, CENTER)
+            self._bank = Bank(ALPHABET, CENTER, tails=True)
         return self._bank
 
     def _basis(self, L: int, C: int, encoding: bool) -> _basis.Basis | None:
@@ -224,23 +228,27 @@ class TransformCodec(BaseCodec):
         q = torch.div(y, _step(code)).round_().clamp_(-QMAX, QMAX)
         shift = torch.round(q.mean(dim=2, keepdim=True)).clamp_(-32767, 32767) if B else \
             q.new_zeros((L, 2, 1, C))
-        r = q.sub_(shift).to(torch.int32)
-        outside = (r < LO) | (r > HI)
-        exc_idx = torch.nonzero(outside.view(-1)).view(-1).to(torch.int32)
-        exc_val = r.view(-1)[exc_idx.long()]
-        sym = (r.clamp_(LO, HI) + CENTER).to(torch.uint8).cpu().numpy().reshape(L * 2, B, C)
+        r = q.sub_(shift)
+        sc, ec = _scales(r * _step(code), _step(code), _step(ref))
+        sym_t = (r.clamp(LO, HI) + CENTER).to(torch.uint8)
+        edge = (sym_t == 0) | (sym_t == ALPHABET - 1)
+        over = ((r - HI).clamp_min_(0) + (LO - r).clamp_min_(0))[edge]
+        sym = sym_t.cpu().numpy().reshape(L * 2, B, C)
+        dcode = (code - ref).to(torch.int16).cpu().numpy().reshape(L * 2, B)
+        tok = np.stack((dcode + CENTER, ec.cpu().numpy().reshape(L * 2, B) + CENTER),
+                       axis=-1).astype(np.uint8)
         bank = self.bank
-        ctx = bank.choose(sym)
-        csym = (code - ref + CENTER).to(torch.uint8).cpu().numpy().reshape(L * 2, B, 1)
-        cctx = bank.choose(csym)
+        tctx = bank.choose(tok)
+        sc_u8 = sc.cpu().numpy().reshape(L * 2, C).astype(np.uint8)
+        ctx = _contexts(sc_u8, tok)
         side = b"".join((tensor_bytes(ref.to(torch.uint8)), tensor_bytes(shift.to(torch.int16)),
-                         cctx.tobytes(), ctx.tobytes()))
+                         sc_u8.tobytes(), tctx.tobytes()))
         z = zlib.compress(side, 6)
         return b"".join((
-            struct.pack("<I", position), tensor_bytes(first.half()), struct.pack("<I", len(z)),
-            z, struct.pack("<I", exc_idx.numel()), tensor_bytes(exc_idx),
-            tensor_bytes(exc_val), _words(bank.encode(csym, cctx)),
-            bank.encode(sym, ctx).tobytes()))
+            struct.pack("<I", position | FORMAT_BIT), tensor_bytes(first.half()),
+            struct.pack("<I", len(z)), z, _words(bank.encode(tok, tctx)),
+            _overflow_bytes(over.to(torch.int64).cpu().numpy()),
+            bank.encode(sym.reshape(L * 2 * B, 1, C), ctx.reshape(L * 2 * B, C)).tobytes()))
 
     def _token_codes(self, y: torch.Tensor, xc: torch.Tensor, vals: torch.Tensor,
                      pred: torch.Tensor, step: float, dtype: str, slack: torch.Tensor
@@ -282,13 +290,15 @@ class TransformCodec(BaseCodec):
         bank = self.bank
         r = Reader(payload)
         (position,) = struct.unpack("<I", r.take(4))
-        if position > MAX_POSITION:
-            raise CorruptBlobError(f"first position {position} out of range")
+        if not position & FORMAT_BIT:
+            raise CorruptBlobError("kvtc blob of an earlier format (per-component tables, "
+                                   "explicit exceptions): re-encode it from its source KV")
+        position &= ~FORMAT_BIT
         keep = _kept(position)
         B, C = T - keep, H * D
         first = r.tensor(torch.float16, (L, 2, keep, H, D), device)
         (zlen,) = struct.unpack("<I", r.take(4))
-        limit = 2 * L + 4 * L * C + 2 * L + 2 * L * C
+        limit = 2 * L + 4 * L * C + 2 * L * C + 4 * L
         d = zlib.decompressobj()
         try:
             raw = d.decompress(r.take(zlen), limit + 1)
@@ -299,33 +309,36 @@ class TransformCodec(BaseCodec):
         side = Reader(raw)
         ref = side.array(np.uint8, 2 * L).astype(np.int16).reshape(L, 2, 1, 1)
         shift = side.tensor(torch.int16, (L, 2, 1, C), device).float()
-        cctx = side.array(np.uint8, 2 * L).reshape(2 * L, 1)
-        ctx = side.array(np.uint8, 2 * L * C).reshape(2 * L, C)
+        sc_u8 = side.array(np.uint8, 2 * L * C).reshape(2 * L, C)
+        tctx = side.array(np.uint8, 4 * L).reshape(2 * L, 2)
         side.done()
-        (n_exc,) = struct.unpack("<I", r.take(4))
-        if n_exc > L * 2 * B * C:
-            raise CorruptBlobError("more exceptions than coefficients")
-        exc_idx = r.tensor(torch.int32, (n_exc,), device).long()
-        exc_val = r.tensor(torch.int32, (n_exc,), device).float()
-        cwords = _read_words(r)
+        twords = _read_words(r)
+        if 4 * L * B > bank.max_symbols(twords.size):
+            raise CorruptBlobError("the header's shape needs more token steps than the "
+                                   "payload holds")
+        tok = bank.decode(twords, (2 * L, B, 2), tctx)
+        (olen,) = struct.unpack("<I", r.take(4))
+        ozip = r.take(olen)
         rest = len(r.buf) - r.pos
         if rest % 2:
             raise CorruptBlobError("entropy-coded stream has an odd number of bytes")
         words = r.array(np.uint16, rest // 2)
         r.done()
-        for w, count in ((cwords, 2 * L * B), (words, 2 * L * B * C)):
-            if count > bank.max_symbols(w.size):
-                raise CorruptBlobError("the header's shape needs more symbols than the "
-                                       "payload can hold")
-        if n_exc and (int(exc_idx.min()) < 0 or int(exc_idx.max()) >= L * 2 * B * C):
-            raise CorruptBlobError("exception index outside the tensor")
-        csym = bank.decode(cwords, (2 * L, B, 1), cctx).reshape(L, 2, B, 1)
-        code = torch.from_numpy((csym.astype(np.int16) + ref - CENTER).astype(np.float32)
-                                ).to(device)
-        sym = bank.decode(words, (2 * L, B, C), ctx)
+        if 2 * L * B * C > bank.max_symbols(words.size):
+            raise CorruptBlobError("the header's shape needs more symbols than the payload "
+                                   "can hold")
+        ctx = _contexts(sc_u8, tok)
+        sym = bank.decode(words, (2 * L * B, 1, C), ctx.reshape(2 * L * B, C))
+        code = torch.from_numpy((tok[..., 0].astype(np.int16).reshape(L, 2, B, 1) + ref
+                                 - CENTER).astype(np.float32)).to(device)
         q = torch.from_numpy(sym).to(device).view(L, 2, B, C).float().sub_(CENTER)
-        if n_exc:
-            q.view(-1)[exc_idx] = exc_val
+        edge = (q == LO) | (q == HI)
+        n_edge = int(edge.sum())
+        if n_edge:
+            over = torch.from_numpy(_read_overflow(ozip, n_edge)).to(device)
+            q[edge] += torch.where(q[edge] > 0, over, -over)
+        elif olen:
+            raise CorruptBlobError("overflow stream without escaped coefficients")
         q.add_(shift).mul_(_step(code))
         if b is None:
             x = q.view(L, 2, B, H, D)
@@ -429,6 +442,81 @@ def _on_grid(y: torch.Tensor, code: torch.Tensor, dtype: str,
     out = flat.clone()
     out[idx] = best
     return out.view(code.shape)
+
+
+def _scales(y: torch.Tensor, step: torch.Tensor, ref_step: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entropy coder's model of a chunk's quantized coefficients ``y`` (symbols times
+    their token's ``step``, ``[L, 2, B, C]``, plus the rounding's step^2 / 12: fitted to
+    what is coded, so a decoded chunk gets the same model and re-encoding the same size): a
+    Gaussian scale mixture, coefficient (t, c) ~ N(0, (sigma_c * e_t)^2), a spread per
+    component times an energy per token (tokens differ in norm far more than a component's
+    spread says). Fitted by alternating moment matching, then quantised: ``sc`` ``[L, 2,
+    1, C]`` = 4 log2(sigma / reference step) + ``SC_BIAS`` in [0, 255], ``ec`` ``[L, 2, B,
+    1]`` = round(2 log2 e) in the alphabet. Only the rate depends on them, never the
+    decoded values, so the encoder may fit them however it likes."""
+    import torch
+
+    L, _, B, C = y.shape
+    if B == 0:
+        return y.new_zeros((L, 2, 1, C)), y.new_zeros((L, 2, 0, 1))
+    y2 = (y * y).add_(step.square().div_(12))
+    sig2 = y2.mean(dim=2, keepdim=True).clamp_min_(1e-30)
+    e2 = y2.new_ones((L, 2, B, 1))
+    for _ in range(2):
+        e2 = (y2 / sig2).mean(dim=-1, keepdim=True).clamp_min_(1e-12)
+        sig2 = (y2 / e2).mean(dim=2, keepdim=True).clamp_min_(1e-30)
+    sc = torch.round(2 * torch.log2(sig2 / ref_step.square()) + SC_BIAS).clamp_(0, 255)
+    ec = torch.round(torch.log2(e2)).clamp_(LO, HI)
+    return sc, ec
+
+
+def _table_lut() -> np.ndarray:
+    """Bank table (offset 0) per quarter-log2 symbol scale ``v``, at ``v + 512``: the
+    Gaussian of that scale (measured: nearer the best table than matching the
+    variance of the escaped, floored tables)."""
+    scales = np.geomspace(0.08, 48.0, NSCALES)
+    v = (np.arange(1024) - 512) / 4.0
+    idx = np.abs(np.log2(scales)[None, :] - v[:, None]).argmin(axis=1)
+    return (OFFSETS.index(0.0) * NSCALES + idx).astype(np.uint8)
+
+
+_LUT = _table_lut()
+
+
+def _contexts(sc_u8: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    """Table per coefficient ``[2L, B, C]`` from the component scales ``sc_u8`` ``[2L, C]``
+    and the token symbols ``tok`` ``[2L, B, 2]`` (step code relative to the reference,
+    energy): the symbol's scale is sigma_c * e_t / step_t, in quarter-log2 units
+    ``(sc - SC_BIAS) + 2 * e - (code - ref)``. Integer arithmetic and a table: encoder and
+    decoder derive the same tables on any machine."""
+    t = tok.astype(np.int16) - CENTER
+    v = (sc_u8.astype(np.int16)[:, None, :] - SC_BIAS + 512
+         + (2 * t[..., 1] - t[..., 0])[..., None])
+    return _LUT[v]
+
+
+def _overflow_bytes(over: np.ndarray) -> bytes:
+    """How far each escaped coefficient (an edge symbol) lies past the edge, in order:
+    one width byte and the values in that width, deflated; nothing when none escaped."""
+    if over.size == 0:
+        return struct.pack("<I", 0)
+    top = int(over.max())
+    w = 1 if top < 1 << 8 else 2 if top < 1 << 16 else 4
+    z = zlib.compress(bytes((w,)) + over.astype(f"<u{w}").tobytes(), 6)
+    return struct.pack("<I", len(z)) + z
+
+
+def _read_overflow(z: bytes, n: int) -> np.ndarray:
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(z, 4 * n + 2)
+    except zlib.error as exc:
+        raise CorruptBlobError(f"overflow stream does not inflate: {exc}") from None
+    if not raw or raw[0] not in (1, 2, 4) or len(raw) != 1 + raw[0] * n or not d.eof \
+            or d.unconsumed_tail or d.unused_data:
+        raise CorruptBlobError("overflow stream does not match the escaped coefficients")
+    return np.frombuffer(raw, dtype=f"<u{raw[0]}", offset=1).astype(np.float32)
 
 
 def _words(words: np.ndarray) -> bytes:

@@ -34,9 +34,13 @@ NSCALES = 48
 
 
 @functools.lru_cache(maxsize=8)
-def make_bank(alphabet: int, center: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                   np.ndarray]:
+def make_bank(alphabet: int, center: int, tails: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fixed bank of discretised Gaussian tables around ``center``.
+
+    ``tails``: the two edge symbols carry the Gaussian's mass beyond them (for a coder
+    whose edge symbols are escapes: a value past the edge costs the edge's probability
+    plus its overflow), instead of the point mass at the edge.
 
     Returns (freq [N, A] uint32, cum [N, A] uint32, lut [N, PROB_SCALE] uint8,
     log variance [len(OFFSETS), NSCALES]) with table index ``offset * NSCALES + scale``.
@@ -47,6 +51,12 @@ def make_bank(alphabet: int, center: int) -> tuple[np.ndarray, np.ndarray, np.nd
     k = np.arange(alphabet, dtype=np.float64) - center
     rows = [np.exp(-0.5 * ((k - o) / s) ** 2) for o in OFFSETS for s in scales]
     probs = np.stack(rows)
+    if tails:
+        far = np.arange(1, 64 * int(scales[-1]), dtype=np.float64)
+        lo, hi = -float(center), float(alphabet - 1 - center)
+        for i, (o, s) in enumerate((o, s) for o in OFFSETS for s in scales):
+            probs[i, -1] += np.exp(-0.5 * ((hi + far - o) / s) ** 2).sum()
+            probs[i, 0] += np.exp(-0.5 * ((lo - far - o) / s) ** 2).sum()
     probs /= probs.sum(axis=1, keepdims=True)
     freq = _quantize_probs(probs)
     cum = np.zeros_like(freq)
@@ -368,10 +378,10 @@ def _decode(words, shape_g, shape_t, shape_c, ctx, freq, cum, lut):  # pragma: n
 class Bank:
     """One alphabet's fixed table bank, with the log-costs used to choose tables."""
 
-    def __init__(self, alphabet: int, center: int) -> None:
+    def __init__(self, alphabet: int, center: int, tails: bool = False) -> None:
         self.alphabet = alphabet
         self.center = center
-        self.freq, self.cum, self.lut, self.logvar = make_bank(alphabet, center)
+        self.freq, self.cum, self.lut, self.logvar = make_bank(alphabet, center, tails)
         # The encoder's flat tables (see _encode, _enc_step): cum | (4096 - freq) << 16 |
         # freq << 32, and 1 / freq raised by a relative 2**-40. With x < freq * 2**20
         # after renormalisation, the float product lies in [x / freq, x / freq + 2**-19)
