@@ -272,3 +272,20 @@ def test_cuda_decodes_as_cpu_does(chunk, smol_basis):  # pragma: no cover - GPU 
     gpu = decode_blob(blob, device="cuda")
     assert rel_error(gpu.cpu(), decode_blob(blob)) < 1e-3
     assert rel_error(decode_blob(codec.encode(chunk.cuda())), decode_blob(blob)) < 0.02
+
+
+def test_a_blob_of_the_earlier_layout_is_refused_not_misread():
+    # the previous layout (per-component tables, explicit exceptions) had no format bit in
+    # its position word; the same bytes must fail typed, never decode as noise
+    from kvctl.codecs import blob as _blob
+
+    kv = torch.randn(2, 2, 16, 2, 8).half()
+    info, payload = _blob.unpack(codec_for_method("kvtc").encode(kv, position=5))
+    old = bytearray(payload)
+    old[3] &= 0x7F
+    forged = _blob.pack(info.codec, info.params, info.shape, info.dtype, bytes(old))
+    with pytest.raises(CorruptBlobError, match="earlier format"):
+        decode_blob(forged)
+    assert torch.equal(decode_blob(_blob.pack(info.codec, info.params, info.shape, info.dtype,
+                                              bytes(payload))), decode_blob(
+        codec_for_method("kvtc").encode(kv, position=5)))
