@@ -19,8 +19,11 @@ quantization of the coefficients with a step per token.
   prediction moves keeps the grid it lies on, so re-encoding is a fixed point.
 * A chunk at the start of its sequence (position 0) keeps its first token exactly (fp16):
   the attention sink, which every later query reads.
-* Symbols: rANS with one table per (layer, K/V, component) from cachegen's fixed bank of
-  discretised Gaussians; coefficients beyond the alphabet are stored exactly as integers.
+* Symbols: rANS over a fixed bank of discretised Gaussians, a table per coefficient from a
+  scale-mixture model (``_scales``: a spread per component times an energy per token,
+  over the token's step), derived alike by encoder and decoder (``_contexts``). The
+  alphabet's edge symbols are escapes: their tables carry the Gaussian's tails, and how
+  far an escaped coefficient lies past the edge travels deflated.
 * Without a basis (``basis=None``: a model never calibrated, odd shapes) the transform is
   the identity and the step comes from the chunk (its median channel spread per (layer,
   K/V)), so the codec works on any tensor; the blob says ``"basis": null``.
@@ -44,7 +47,7 @@ from kvctl.codecs.base import FP16_MAX, BaseCodec, dtype_name, register, torch_d
 from kvctl.codecs.blob import BlobInfo
 from kvctl.codecs.cachegen import check_profile
 from kvctl.codecs.errors import CorruptBlobError, InvalidParamsError
-from kvctl.codecs.rans import NSCALES, OFFSETS, Bank, elements_per_byte
+from kvctl.codecs.rans import NSCALES, OFFSETS, SCALES, Bank, elements_per_byte
 
 if TYPE_CHECKING:
     import torch
@@ -55,8 +58,7 @@ LO, HI = -CENTER, ALPHABET - 1 - CENTER
 STEP_RES = 4  # step code = round(STEP_RES * log2(step)) + STEP_BIAS, one byte
 STEP_BIAS = 160
 QMAX = 1 << 30  # a coefficient's symbol before the shift, refused beyond (never on fp16)
-MAX_POSITION = (1 << 31) - 1
-# set in the payload's position word: this layout (scale-mixture tables, escapes)
+# set in the payload's position word (positions are below 2**31): this layout
 FORMAT_BIT = 1 << 31
 # quarter-log2 bias of a component's scale code (sigma / reference step from 1/256)
 SC_BIAS = 32
@@ -126,10 +128,11 @@ class TransformCodec(BaseCodec):
     accepted for the callers that pass one to every profiled codec and must be ``None``
     or empty (the basis is the profile).
 
-    Payload: the first position (u32) and, at position 0, the first token (fp16);
-    deflated side information (step reference per (layer, K/V), int16 symbol shift per
-    (layer, K/V, component), table indices); exceptions (int32 flat index, int32 value); the token
-    steps' rANS stream; the coefficients' rANS stream.
+    Payload: the first position (u32, ``FORMAT_BIT`` set) and, at position 0, the first
+    token (fp16); deflated side information (step reference per (layer, K/V), int16 symbol
+    shift and scale code per (layer, K/V, component), the token stream's two tables); the
+    token stream (step code and energy per (layer, K/V, token), rANS); the escapes'
+    overflows (deflated); the coefficients' rANS stream.
     """
 
     name = "kvtc"
@@ -225,14 +228,16 @@ class TransformCodec(BaseCodec):
             code = self._token_codes(y, xc, x[:, 1], pred, b.unit * self.step_for(b), dt,
                                      _slack(kv[:, :, keep:], a, dt, freq is not None))
         code, ref = _relative(code)
-        q = torch.div(y, _step(code)).round_().clamp_(-QMAX, QMAX)
+        st = _step(code)
+        q = torch.div(y, st).round_().clamp_(-QMAX, QMAX)
         shift = torch.round(q.mean(dim=2, keepdim=True)).clamp_(-32767, 32767) if B else \
             q.new_zeros((L, 2, 1, C))
         r = q.sub_(shift)
-        sc, ec = _scales(r * _step(code), _step(code), _step(ref))
+        sc, ec = _scales(r * st, st, _step(ref))
         sym_t = (r.clamp(LO, HI) + CENTER).to(torch.uint8)
         edge = (sym_t == 0) | (sym_t == ALPHABET - 1)
-        over = ((r - HI).clamp_min_(0) + (LO - r).clamp_min_(0))[edge]
+        re_ = r[edge]
+        over = torch.where(re_ > 0, re_ - HI, LO - re_)
         sym = sym_t.cpu().numpy().reshape(L * 2, B, C)
         dcode = (code - ref).to(torch.int16).cpu().numpy().reshape(L * 2, B)
         tok = np.stack((dcode + CENTER, ec.cpu().numpy().reshape(L * 2, B) + CENTER),
@@ -336,7 +341,8 @@ class TransformCodec(BaseCodec):
         n_edge = int(edge.sum())
         if n_edge:
             over = torch.from_numpy(_read_overflow(ozip, n_edge)).to(device)
-            q[edge] += torch.where(q[edge] > 0, over, -over)
+            qe = q[edge]
+            q[edge] = qe + torch.where(qe > 0, over, -over)
         elif olen:
             raise CorruptBlobError("overflow stream without escaped coefficients")
         q.add_(shift).mul_(_step(code))
@@ -475,9 +481,8 @@ def _table_lut() -> np.ndarray:
     """Bank table (offset 0) per quarter-log2 symbol scale ``v``, at ``v + 512``: the
     Gaussian of that scale (measured: nearer the best table than matching the
     variance of the escaped, floored tables)."""
-    scales = np.geomspace(0.08, 48.0, NSCALES)
     v = (np.arange(1024) - 512) / 4.0
-    idx = np.abs(np.log2(scales)[None, :] - v[:, None]).argmin(axis=1)
+    idx = np.abs(np.log2(SCALES)[None, :] - v[:, None]).argmin(axis=1)
     return (OFFSETS.index(0.0) * NSCALES + idx).astype(np.uint8)
 
 

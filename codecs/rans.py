@@ -31,6 +31,8 @@ NSTATES = 4
 # mean sits between two integers (re-centring is by whole symbols) keep its skew.
 OFFSETS = (-0.5, -0.25, 0.0, 0.25, 0.5)
 NSCALES = 48
+# the tables' scales (in quantisation steps), log-spaced
+SCALES = np.geomspace(0.08, 48.0, NSCALES)
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,7 +49,7 @@ def make_bank(alphabet: int, center: int, tails: bool = False
     Scales (in quantisation steps) are log-spaced from 0.08 to 48; every symbol keeps a
     frequency of at least 1, so any symbol of the alphabet is encodable with any table.
     """
-    scales = np.geomspace(0.08, 48.0, NSCALES)
+    scales = SCALES
     k = np.arange(alphabet, dtype=np.float64) - center
     rows = [np.exp(-0.5 * ((k - o) / s) ** 2) for o in OFFSETS for s in scales]
     probs = np.stack(rows)
